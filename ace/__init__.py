@@ -1,0 +1,1 @@
+"""Top-level package of ace: AceGRPO for MLE agents in JAX."""
