@@ -1,0 +1,1 @@
+"""Helpers shared by tests: tiny HF models and tokenizers created on the spot (no network)."""
