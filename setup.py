@@ -25,6 +25,8 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            "scipy>=1.11",
+            "pyyaml>=6",
             # The CPU build lies on disk on these machines; an unpinned torch pulls CUDA wheels.
             "torch==2.13.0",
             "transformers>=4.51",

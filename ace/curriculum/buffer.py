@@ -1,0 +1,341 @@
+"""The Evolving Data Buffer: insert child tasks (merging duplicates, evicting when full), update stats.
+
+Both operations are pure functions of a `TaskTable`; the public functions check their arguments
+(shapes always, values when concrete) and call a jitted kernel, so an eager call from the trainer
+is compiled, and a call inside the caller's own jit / vmap inlines the kernel.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ace.curriculum.potential import DEFAULT_OPTIMISTIC_VALUE, get_potential, learnability
+from ace.curriculum.table import NO_TASK, TaskRows, TaskTable, check_table
+from ace.curriculum.validation import check_indices, check_scalar, is_concrete
+
+# InsertResult.status codes, one per candidate row.
+PADDING = 0  # rows.valid was False: nothing happened.
+ADDED = 1  # written into the table as a new task.
+MERGED = 2  # duplicate of a live task (or of an earlier row of the same batch): not written.
+DROPPED = 3  # no free or evictable row was left (all remaining rows protected).
+TOO_DEEP = 4  # depth > max_depth.
+STATUS_NAMES = {PADDING: "padding", ADDED: "added", MERGED: "merged", DROPPED: "dropped",
+                TOO_DEEP: "too_deep"}
+
+EVICTION_ORDERS = ("potential", "oldest")
+
+
+class InsertResult(NamedTuple):
+    """What `insert` did with each of the R candidate rows, for the host-side `TaskStore`.
+
+    Fields (all [R] int32):
+      status: one of PADDING, ADDED, MERGED, DROPPED, TOO_DEEP.
+      task_id: ADDED: the new task's id; MERGED: id of the task it duplicates; else NO_TASK.
+      slot: ADDED / MERGED: the table row holding that task; else -1.
+      evicted_task_id: ADDED into an occupied row: id of the task it evicted; else NO_TASK.
+    """
+
+    status: jax.Array
+    task_id: jax.Array
+    slot: jax.Array
+    evicted_task_id: jax.Array
+
+
+def _first_occurrence(rows_valid: jax.Array, h0: jax.Array, h1: jax.Array) -> jax.Array:
+    """[R] int32: index of the first valid row with the same state hash (its own index if unique)."""
+    r = rows_valid.shape[0]
+    ridx = jnp.arange(r, dtype=jnp.int32)
+    # lexsort's last key is the primary one: valid rows first, then by hash, ties by input index.
+    order = jnp.lexsort((ridx, h1, h0, ~rows_valid)).astype(jnp.int32)
+    sv, s0, s1 = rows_valid[order], h0[order], h1[order]
+    same_prev = jnp.concatenate([jnp.zeros((1,), bool), sv[1:] & sv[:-1] & (s0[1:] == s0[:-1])
+                                 & (s1[1:] == s1[:-1])])
+    run_start = jax.lax.cummax(jnp.where(same_prev, 0, ridx))
+    return jnp.zeros((r,), jnp.int32).at[order].set(order[run_start])
+
+
+def _match_existing(table: TaskTable, query: jax.Array, h0: jax.Array, h1: jax.Array) -> jax.Array:
+    """[C] int32: for each live table row, the query row with the same hash, or -1.
+
+    A [C, R] comparison costs 64M compares at C = 1M, R = 64. Instead the R query hashes are put
+    into B >> R buckets (low bits of the first hash word); each table row reads one bucket and checks
+    the (usually single) query row in it. Bucket collisions among query rows are resolved exactly by
+    walking the sorted run, for as many rounds as the longest run (1 almost always).
+    """
+    r = query.shape[0]
+    nb = 1 << max(10, (r - 1).bit_length() + 10)
+    qb = jnp.where(query, (h0 & jnp.uint32(nb - 1)).astype(jnp.int32), nb)
+    border = jnp.argsort(qb, stable=True).astype(jnp.int32)
+    sb, sh0, sh1 = qb[border], h0[border], h1[border]
+    pos = jnp.arange(r, dtype=jnp.int32)
+    start_of_bucket = jnp.full((nb,), r, jnp.int32).at[sb].min(pos, mode="drop")
+    run_len = jnp.where(sb < nb, pos - start_of_bucket[jnp.minimum(sb, nb - 1)] + 1, 0)
+
+    t0, t1 = table.state_hash[:, 0], table.state_hash[:, 1]
+    tb = (t0 & jnp.uint32(nb - 1)).astype(jnp.int32)
+    start = start_of_bucket[tb]
+
+    def probe(k, match):
+        p = start + k
+        pc = jnp.minimum(p, r - 1)
+        hit = table.valid & (p < r) & (sb[pc] == tb) & (sh0[pc] == t0) & (sh1[pc] == t1)
+        return jnp.where(hit, border[pc], match)
+
+    # The first probe is one fused pass over the table; further rounds run only on bucket collisions.
+    match = probe(0, jnp.full(t0.shape, -1, jnp.int32))
+    _, match = jax.lax.while_loop(lambda c: c[0] < run_len.max(), lambda c: (c[0] + 1, probe(c[0], c[1])),
+                                  (jnp.int32(1), match))
+    return match
+
+
+def _eviction_key(table: TaskTable, evict: str, potential: str, optimistic_value, step) -> jax.Array:
+    """[C] float32, higher = evicted first: lowest potential, or oldest, first."""
+    if evict == "potential":
+        return -learnability(table, potential=potential, optimistic_value=optimistic_value, step=step)
+    return -table.created_step.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("evict", "potential", "max_depth"))
+def _insert_kernel(table, rows, step, protected, evict, potential, optimistic_value, max_depth):
+    c = table.capacity
+    r = rows.valid.shape[0]
+    ridx = jnp.arange(r, dtype=jnp.int32)
+    h0, h1 = rows.state_hash[:, 0], rows.state_hash[:, 1]
+    too_deep = rows.valid & (rows.depth > max_depth) if max_depth is not None else jnp.zeros((r,), bool)
+    live = rows.valid & ~too_deep
+
+    first = _first_occurrence(live, h0, h1)
+    is_first = live & (first == ridx)
+    match = _match_existing(table, is_first, h0, h1)
+    matched = match >= 0
+
+    protected_mask = jnp.zeros((c,), bool).at[jnp.where(protected >= 0, protected, c)].set(
+        True, mode="drop")
+    # One top-k ranks every row: rows a candidate duplicates (kept, reported as merge targets), then
+    # empty rows, then evictable rows by eviction key; protected rows are never chosen.
+    score = jnp.where(matched, jnp.inf,
+                      jnp.where(~table.valid, jnp.finfo(jnp.float32).max,
+                                jnp.where(protected_mask, -jnp.inf,
+                                          _eviction_key(table, evict, potential, optimistic_value, step))))
+    k = min(2 * r, c)
+    vals, rank_rows = jax.lax.top_k(score, k)
+    n_matched = (vals == jnp.inf).sum()
+    existing = jnp.full((r,), -1, jnp.int32).at[jnp.where(vals == jnp.inf, match[rank_rows], r)].set(
+        rank_rows, mode="drop")
+
+    to_add = is_first & (existing < 0)
+    add_rank = jnp.cumsum(to_add) - 1
+    cand_pos = n_matched + ridx
+    cand_ok = (cand_pos < k) & (vals[jnp.minimum(cand_pos, k - 1)] > -jnp.inf)
+    cand_slot = rank_rows[jnp.minimum(cand_pos, k - 1)]
+    added = to_add & (add_rank < cand_ok.sum())
+    add_slot = cand_slot[jnp.clip(add_rank, 0, r - 1)]
+    new_id = table.next_task_id + add_rank.astype(jnp.int32)
+
+    first_status = jnp.where(added, ADDED, jnp.where(existing >= 0, MERGED, DROPPED))
+    first_slot = jnp.where(added, add_slot, jnp.where(existing >= 0, existing, -1))
+    first_task = jnp.where(added, new_id,
+                           jnp.where(existing >= 0, table.task_id[jnp.maximum(existing, 0)], NO_TASK))
+    # A later duplicate within the batch follows its first occurrence: merged into it, or dropped.
+    fs, fslot, ftask = first_status[first], first_slot[first], first_task[first]
+    dup_status = jnp.where(fs == DROPPED, DROPPED, MERGED)
+    status = jnp.where(is_first, first_status,
+                       jnp.where(live, dup_status, jnp.where(too_deep, TOO_DEEP, PADDING)))
+    slot = jnp.where(live & (status != DROPPED), jnp.where(is_first, first_slot, fslot), -1)
+    task_id = jnp.where(live & (status != DROPPED), jnp.where(is_first, first_task, ftask), NO_TASK)
+    safe_slot = jnp.maximum(add_slot, 0)
+    evicted = jnp.where(added & table.valid[safe_slot], table.task_id[safe_slot], NO_TASK)
+
+    w = jnp.where(added, add_slot, c)  # out of range: dropped by the scatters below
+
+    def put(col, values):
+        return col.at[w].set(values, mode="drop")
+
+    zeros_f = jnp.zeros((r,), jnp.float32)
+    new_table = TaskTable(
+        valid=put(table.valid, True),
+        task_id=put(table.task_id, new_id),
+        parent_id=put(table.parent_id, rows.parent_id),
+        competition_id=put(table.competition_id, rows.competition_id),
+        depth=put(table.depth, rows.depth),
+        visits=put(table.visits, 0),
+        successes=put(table.successes, 0),
+        reward_mean=put(table.reward_mean, zeros_f),
+        reward_var=put(table.reward_var, zeros_f),
+        recent_success_rate=put(table.recent_success_rate, zeros_f),
+        recent_reward_std=put(table.recent_reward_std, zeros_f),
+        last_sampled_step=put(table.last_sampled_step, -1),
+        created_step=put(table.created_step, jnp.broadcast_to(step, (r,)).astype(jnp.int32)),
+        state_hash=table.state_hash.at[w].set(rows.state_hash, mode="drop"),
+        next_task_id=table.next_task_id + added.sum().astype(jnp.int32),
+    )
+    result = InsertResult(status=status.astype(jnp.int32), task_id=task_id.astype(jnp.int32),
+                          slot=slot.astype(jnp.int32), evicted_task_id=evicted.astype(jnp.int32))
+    return new_table, result
+
+
+def _check_rows(rows: TaskRows) -> int:
+    if not isinstance(rows, TaskRows):
+        raise TypeError(f"rows must be a TaskRows (see make_rows), got {type(rows).__name__}")
+    r = rows.valid.shape[0] if rows.valid.ndim == 1 else None
+    if r is None or r < 1:
+        raise ValueError(f"rows.valid must have shape [R] with R >= 1, got {tuple(rows.valid.shape)}")
+    for name in ("parent_id", "competition_id", "depth"):
+        col = getattr(rows, name)
+        if tuple(col.shape) != (r,) or not jnp.issubdtype(col.dtype, jnp.integer):
+            raise ValueError(f"rows.{name} must be an int [R] = ({r},) array, got {tuple(col.shape)} {col.dtype}")
+    if tuple(rows.state_hash.shape) != (r, 2) or rows.state_hash.dtype != jnp.uint32:
+        raise ValueError(f"rows.state_hash must be uint32 [R, 2] = ({r}, 2), got "
+                         f"{tuple(rows.state_hash.shape)} {rows.state_hash.dtype}")
+    if rows.valid.dtype != jnp.bool_:
+        raise ValueError(f"rows.valid must be bool, got {rows.valid.dtype}")
+    return r
+
+
+def insert(table: TaskTable, rows: TaskRows, *, step, protected=None, evict: str = "potential",
+           potential: str = "success_variance", optimistic_value=DEFAULT_OPTIMISTIC_VALUE,
+           max_depth: int | None = None) -> tuple[TaskTable, InsertResult]:
+    """Inserts candidate tasks, merging duplicates by state hash and evicting when full.
+
+    A candidate whose state hash equals a live task's, or an earlier candidate's of the same batch,
+    is merged (not written). New tasks go into empty rows first; when none is left, the live rows
+    with the lowest potential (`evict="potential"`) or the oldest (`evict="oldest"`) are evicted,
+    ties by lowest row index. Rows listed in `protected` (the tasks being rolled out now) and rows a
+    candidate was merged into are never evicted; a candidate for which no row is left is dropped.
+
+    Args:
+      table: TaskTable of capacity C.
+      rows: TaskRows with R candidates (see `make_rows`).
+      step: [] int, the trainer step, stored as `created_step`.
+      protected: [P] int32 row indices never evicted (-1 entries are padding), or None.
+      evict: "potential" or "oldest".
+      potential: name of the potential whose lowest values are evicted first.
+      optimistic_value: LP of never-tried tasks (so fresh tasks are not evicted first).
+      max_depth: candidates deeper than this get status TOO_DEEP; None = no limit.
+
+    Returns:
+      (new table, InsertResult with [R] arrays). Added tasks get consecutive ids from
+      `table.next_task_id`, in row order.
+    """
+    capacity = check_table(table)
+    _check_rows(rows)
+    if evict not in EVICTION_ORDERS:
+        raise ValueError(f"evict must be one of {EVICTION_ORDERS}, got {evict!r}")
+    if evict == "potential":
+        get_potential(potential)
+    check_scalar(optimistic_value, "optimistic_value")
+    check_scalar(step, "step", low=0)
+    if max_depth is not None and (not isinstance(max_depth, (int, np.integer)) or max_depth < 0):
+        raise ValueError(f"max_depth must be a non-negative int or None, got {max_depth!r}")
+    if protected is None:
+        protected = jnp.full((1,), -1, jnp.int32)
+    protected = jnp.asarray(protected)
+    if protected.ndim != 1 or not jnp.issubdtype(protected.dtype, jnp.integer):
+        raise ValueError(f"protected must be an int [P] array of row indices, got {tuple(protected.shape)} "
+                         f"{protected.dtype}")
+    check_indices(protected, capacity, "protected", allow_padding=True)
+    if is_concrete(rows.depth) and (np.asarray(rows.depth) < 0).any():
+        raise ValueError(f"rows.depth must be >= 0, got {np.asarray(rows.depth).min()}")
+    return _insert_kernel(table, rows, jnp.asarray(step, jnp.int32), protected.astype(jnp.int32),
+                          evict, potential, optimistic_value,
+                          None if max_depth is None else int(max_depth))
+
+
+@jax.jit
+def _update_stats_kernel(table, idx, rewards, success, step):
+    c = table.capacity
+    g = rewards.shape[1]
+    r = rewards.astype(jnp.float32)
+    s = success.astype(jnp.float32)
+    g_mean = r.mean(axis=1)
+    g_m2 = jnp.square(r - g_mean[:, None]).sum(axis=1)
+    # Groups of one call that hit the same row are pooled first ([n, n] is small: n = tasks per
+    # step), then pooled with the row's history: Chan et al. (1979) parallel variance update.
+    same = (idx[:, None] == idx[None, :]).astype(jnp.float32)
+    cnt = same.sum(axis=1) * g
+    mean_u = (same @ g_mean) * g / cnt
+    m2_u = (same * (g_m2[None, :] + g * jnp.square(g_mean[None, :] - mean_u[:, None]))).sum(axis=1)
+    succ_u = same @ s.sum(axis=1)
+
+    safe = jnp.clip(idx, 0, c - 1)
+    n_a = table.visits[safe].astype(jnp.float32)
+    mean_a = table.reward_mean[safe]
+    n_t = n_a + cnt
+    delta = mean_u - mean_a
+    mean = mean_a + delta * cnt / n_t
+    m2 = table.reward_var[safe] * n_a + m2_u + jnp.square(delta) * n_a * cnt / n_t
+
+    ok = (idx >= 0) & (idx < c) & table.valid[safe]  # under an outer jit bad indices are skipped
+    w = jnp.where(ok, idx, c)
+
+    def put(col, values):
+        return col.at[w].set(values, mode="drop")
+
+    return table._replace(
+        visits=put(table.visits, table.visits[safe] + (same.sum(axis=1) * g).astype(jnp.int32)),
+        successes=put(table.successes, table.successes[safe] + jnp.round(succ_u).astype(jnp.int32)),
+        reward_mean=put(table.reward_mean, mean),
+        reward_var=put(table.reward_var, jnp.maximum(m2, 0.0) / n_t),
+        recent_success_rate=put(table.recent_success_rate, succ_u / cnt),
+        recent_reward_std=put(table.recent_reward_std, jnp.sqrt(jnp.maximum(m2_u, 0.0) / cnt)),
+        last_sampled_step=put(table.last_sampled_step, jnp.broadcast_to(step, idx.shape).astype(jnp.int32)),
+    )
+
+
+def update_stats(table: TaskTable, idx, group_rewards, group_success, step) -> TaskTable:
+    """Adds one group of G attempts per sampled task to the running statistics.
+
+    visits and successes accumulate; reward mean and population variance are updated exactly as if
+    computed over every reward so far; `recent_*` become this call's success rate and reward std
+    (pooled if a row appears several times in `idx`); `last_sampled_step` becomes `step`.
+
+    Args:
+      table: TaskTable of capacity C.
+      idx: [N] int32 rows that were rolled out (each must be a valid row).
+      group_rewards: [N, G] float rewards, finite.
+      group_success: [N, G] bool (or 0/1) success flags.
+      step: [] int trainer step.
+
+    Returns:
+      The updated TaskTable. Under an outer jit (no eager check) rows out of range or empty are
+      left unchanged.
+    """
+    capacity = check_table(table)
+    idx = jnp.asarray(idx)
+    rewards = jnp.asarray(group_rewards)
+    success = jnp.asarray(group_success)
+    if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"idx must be an int [N] array, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+    n = idx.shape[0]
+    if rewards.ndim != 2 or rewards.shape[0] != n or rewards.shape[1] < 1:
+        raise ValueError(f"group_rewards must have shape [N, G] = ({n}, G>=1) to match idx [N], "
+                         f"got {tuple(rewards.shape)}")
+    if tuple(success.shape) != tuple(rewards.shape):
+        raise ValueError(f"group_success must have the shape of group_rewards {tuple(rewards.shape)}, "
+                         f"got {tuple(success.shape)}")
+    if not (jnp.issubdtype(rewards.dtype, jnp.floating) or jnp.issubdtype(rewards.dtype, jnp.integer)):
+        raise TypeError(f"group_rewards must be numeric, got dtype {rewards.dtype}")
+    check_scalar(step, "step", low=0)
+    check_indices(idx, capacity, "idx")
+    if is_concrete(rewards):
+        bad = ~np.isfinite(np.asarray(rewards, np.float64))
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"group_rewards[{i}, {j}] = {np.asarray(rewards)[i, j]} is not finite "
+                             f"(task row idx[{i}] = {int(np.asarray(idx)[i])})")
+    if is_concrete(success) and success.dtype != jnp.bool_:
+        vals = np.asarray(success)
+        bad = (vals != 0) & (vals != 1)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"group_success[{i}, {j}] = {vals[i, j]}; expected a bool or 0/1")
+    if is_concrete(idx, table.valid):
+        valid = np.asarray(table.valid)[np.asarray(idx)]
+        if not valid.all():
+            i = int(np.flatnonzero(~valid)[0])
+            raise IndexError(f"idx[{i}] = {int(np.asarray(idx)[i])} points to an empty table row")
+    return _update_stats_kernel(table, idx.astype(jnp.int32), rewards, success, jnp.asarray(step, jnp.int32))

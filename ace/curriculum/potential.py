@@ -1,0 +1,91 @@
+"""Learnability Potentials: how much a task is worth practising now, one formula per function.
+
+Every potential has the signature `fn(table, *, optimistic_value, step) -> [C] float32` and is
+registered in `POTENTIALS` under the name the config uses (`curriculum.potential`). Values on empty
+rows are meaningless (0); samplers and eviction mask them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ace.curriculum.table import TaskTable, check_table
+
+# p(1-p) peaks at p = 1/2 with value 1/4; a never-tried task is assumed to sit at the frontier.
+DEFAULT_OPTIMISTIC_VALUE = 0.25
+
+Potential = Callable[..., jax.Array]
+
+
+def success_variance_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
+    """LP = p(1 - p), p = success rate of the task's latest group of attempts.
+
+    p(1-p) is the variance of a Bernoulli success: it is 0 for tasks always or never solved (their
+    GRPO group advantages are all zero, so they teach nothing) and peaks at the frontier p = 1/2
+    (DESIGN.md, "Learnability Potential"). A task never tried gets `optimistic_value`.
+
+    Args:
+      table: TaskTable of capacity C.
+      optimistic_value: LP of a task with `visits == 0`.
+      step: unused; part of the common potential signature.
+
+    Returns:
+      [C] float32.
+    """
+    del step
+    p = table.recent_success_rate
+    return jnp.where(table.visits > 0, p * (1.0 - p), jnp.float32(optimistic_value)).astype(jnp.float32)
+
+
+def reward_std_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
+    """LP = population std of the rewards of the task's latest group (continuous variant).
+
+    With partial-credit rewards a group can disagree without any success flip; its reward spread is
+    what gives GRPO a non-zero advantage. For 0/1 rewards this is sqrt(p(1-p)). A task never tried
+    gets `optimistic_value`.
+
+    Args:
+      table: TaskTable of capacity C.
+      optimistic_value: LP of a task with `visits == 0`.
+      step: unused; part of the common potential signature.
+
+    Returns:
+      [C] float32.
+    """
+    del step
+    return jnp.where(table.visits > 0, table.recent_reward_std,
+                     jnp.float32(optimistic_value)).astype(jnp.float32)
+
+
+POTENTIALS: dict[str, Potential] = {
+    "success_variance": success_variance_potential,
+    "reward_std": reward_std_potential,
+}
+
+
+def get_potential(name: str) -> Potential:
+    """The potential registered under `name` (config key `curriculum.potential`)."""
+    try:
+        return POTENTIALS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown curriculum.potential {name!r}; expected one of {sorted(POTENTIALS)}") from None
+
+
+def learnability(table: TaskTable, *, potential: str, optimistic_value: float, step=None) -> jax.Array:
+    """The Learnability Potential of every row, by registered name.
+
+    Args:
+      table: TaskTable of capacity C.
+      potential: a name in `POTENTIALS`.
+      optimistic_value: LP of never-tried tasks.
+      step: current trainer step (for potentials that depend on age); may be None.
+
+    Returns:
+      [C] float32; 0 on empty rows.
+    """
+    check_table(table)
+    fn = get_potential(potential)
+    lp = fn(table, optimistic_value=optimistic_value, step=step)
+    return jnp.where(table.valid, lp, 0.0)
