@@ -1,0 +1,154 @@
+"""One table of logical axis -> mesh axis rules, mesh construction, and param shardings.
+
+Model code names logical axes only (`embed`, `heads`, `experts`, `batch`, ...). Changing a
+parallelism layout means editing `RULES` (or passing another table), never the model code.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+RULES: Mapping[str, Any] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_vocab": "tensor",
+    # params
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "norm": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "router_experts": None,
+    "expert_embed": "fsdp",
+    "expert_mlp": "tensor",
+    # kv cache
+    "cache_length": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with axes ("data", "fsdp", "expert", "tensor"); missing axes get size 1.
+
+    Args:
+      shape: mesh axis name -> size; one axis may be -1, meaning all remaining devices.
+      devices: defaults to `jax.devices()`; their count must equal the product of the sizes.
+    Returns:
+      A `Mesh` with Auto axis types (GSPMD propagates shardings between the constraints we set).
+    """
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"make_mesh: unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {name: int(shape.get(name, 1)) for name in MESH_AXES}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got {free} in {dict(shape)}")
+    bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
+    if bad:
+        raise ValueError(f"make_mesh: axis sizes must be positive or -1, got {bad}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"make_mesh: {len(devices)} devices not divisible by fixed axes product {fixed}")
+        sizes[free[0]] = len(devices) // fixed
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"make_mesh: mesh {sizes} needs {total} devices, have {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape([sizes[n] for n in MESH_AXES])
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    if logical is None:
+        return ()
+    if logical not in rules:
+        raise ValueError(f"logical axis {logical!r} has no rule; known: {sorted(rules)}")
+    target = rules[logical]
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh_shape: Mapping[str, int],
+                    shape: Sequence[int] | None = None, rules: Mapping[str, Any] = RULES) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec over a mesh of `mesh_shape`.
+
+    Mesh axes of size 1, mesh axes already used by an earlier dimension, and (when `shape` is given)
+    mesh axes that do not divide the dimension are dropped, so the result is always a valid sharding
+    (the dimension is then replicated over that mesh axis instead of failing).
+    """
+    if shape is not None and len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} do not match array rank {len(shape)} (shape {tuple(shape)})")
+    used: set[str] = set()
+    spec = []
+    for dim, logical in enumerate(axes):
+        chosen = []
+        extent = 1
+        for mesh_axis in _mesh_axes_for(logical, rules):
+            size = mesh_shape.get(mesh_axis, 1)
+            if size == 1 or mesh_axis in used:
+                continue
+            if shape is not None and shape[dim] % (extent * size):
+                continue
+            chosen.append(mesh_axis)
+            extent *= size
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, Any] = RULES,
+                        shape: Sequence[int] | None = None) -> NamedSharding:
+    """A `NamedSharding` on `mesh` for an array whose dimensions carry these logical axis names."""
+    return NamedSharding(mesh, logical_to_spec(axes, dict(mesh.shape), shape, rules))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def param_shardings(config, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
+    """The params tree of `config` with a `NamedSharding` per leaf (no allocation: shapes via eval_shape)."""
+    from ace.models.qwen3 import abstract_params, param_logical_axes
+
+    shapes = abstract_params(config)
+    axes = param_logical_axes(config)
+    return jax.tree.map(lambda ax, s: logical_to_sharding(ax, mesh, rules, s.shape), axes, shapes,
+                        is_leaf=_is_axes)
+
+
+def shard_params(params: dict, config, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
+    """Places `params` onto `mesh` with the shardings of `param_shardings`."""
+    return jax.device_put(params, param_shardings(config, mesh, rules))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
+    """Makes `mesh` current, so that activation constraints inside the model take effect."""
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> jax.Array:
+    """Activation sharding constraint by logical axes; a no-op when no mesh is current."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(axes, dict(mesh.shape), x.shape, rules)
+    return jax.lax.with_sharding_constraint(x, spec)
