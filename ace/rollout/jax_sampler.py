@@ -1,0 +1,294 @@
+"""Embedded JAX rollout engine: bucketed batched prefill, then KV-cache decode inside one jitted loop.
+
+Shapes are fixed so that nothing recompiles per request: the batch is padded to `max_batch` rows,
+each prompt is right-padded to the smallest prompt bucket that holds the longest prompt of its
+chunk, and every bucket shares one KV cache of `max(prompt_buckets) + max_new_tokens` slots, so
+prefill compiles once per bucket and the decode loop compiles once in all.
+
+Behaviour logprobs. `Generation.logprobs[i]` is log softmax(logits / temperature)[token]: the
+sampling distribution after temperature and *before* top-k / top-p truncation. Truncation is a
+sampler heuristic the learner does not model; at temperature 1 these numbers are exactly what the
+learner recomputes with `ace.models.logprobs.token_logprobs`. For greedy requests (temperature 0)
+the temperature-scaled distribution is a point mass, so the logprob at temperature 1 is returned.
+
+Randomness. Request i draws step t from `fold_in(key(seed_i), t)`, so its tokens depend on its own
+seed and prompt only, never on which other requests share the batch. A request without a seed
+gets one from the engine's own generator.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import threading
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ace.models import qwen3
+from ace.models.configs import ModelConfig
+from ace.models.logprobs import output_weight
+from ace.models.sharding import shard_params, use_mesh
+from ace.rollout.engine import Generation, SamplingParams
+
+_SEED_MODULUS = 2 ** 32  # jax.random.key takes a uint32 seed
+
+
+def apply_top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keeps the `top_k` largest logits of each row and sets the rest to -inf.
+
+    Args:
+      logits: [B, V] float.
+      top_k: [B] int; 0 (or >= V) keeps every logit. Logits tied with the k-th largest are kept too.
+    Returns:
+      [B, V] float, same dtype.
+    """
+    if logits.ndim != 2 or top_k.shape != logits.shape[:1]:
+        raise ValueError(f"apply_top_k: logits must be [B, V] and top_k [B], got {logits.shape} and {top_k.shape}")
+    vocab = logits.shape[-1]
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(jnp.int32)
+    ordered = -jnp.sort(-logits, axis=-1)
+    threshold = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches `top_p`.
+
+    A token is kept when the probability mass of the strictly more likely tokens is below `top_p`
+    (so the most likely token is always kept). Probabilities are softmax(logits) of the row as
+    given, so -inf entries from `apply_top_k` are renormalised away first.
+
+    Args:
+      logits: [B, V] float.
+      top_p: [B] float in (0, 1]; 1 keeps every logit.
+    Returns:
+      [B, V] float, same dtype, with dropped logits at -inf.
+    """
+    if logits.ndim != 2 or top_p.shape != logits.shape[:1]:
+        raise ValueError(f"apply_top_p: logits must be [B, V] and top_p [B], got {logits.shape} and {top_p.shape}")
+    ordered = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ordered.astype(jnp.float32), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p[:, None], axis=-1)  # >= 1 because mass_before[0] = 0 < top_p
+    threshold = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
+    filtered = jnp.where(logits >= threshold, logits, -jnp.inf)
+    # p = 1 must be a no-op even when float cumsums fall short of 1.
+    return jnp.where((top_p >= 1.0)[:, None], logits, filtered)
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                  top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row and returns its behaviour logprob (see the module docstring).
+
+    Args:
+      logits: [B, V] float32 next-token logits.
+      keys: [B] typed PRNG keys, one per row.
+      temperature: [B] float32, 0 = greedy (argmax).
+      top_p: [B] float32 in (0, 1]. top_k: [B] int32, 0 = off.
+    Returns:
+      (tokens [B] int32, logprobs [B] float32).
+    """
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    logp_all = jax.nn.log_softmax(scaled, axis=-1)
+    filtered = apply_top_p(apply_top_k(scaled, top_k), top_p)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+
+
+class JaxSampler:
+    """`RolloutEngine` that runs the Qwen3 decoder in-process with JAX.
+
+    Args:
+      params: the model params tree (see `ace.models.qwen3.init_params`).
+      config: the model config.
+      max_batch: rows per compiled batch; longer request lists run in chunks of this size.
+      max_prompt_len: longest accepted prompt (tokens).
+      max_new_tokens: the most tokens any request may generate (its own `max_new_tokens` may be less).
+      prompt_buckets: prompt lengths to pad to; `max_prompt_len` is added when missing.
+      max_stop_ids: most stop token ids per request (stop ids are padded to this fixed width).
+      mesh: optional mesh; params are sharded on it with the rules table and computation runs under it.
+      weight_version: the version of `params`.
+      seed: seeds the generator that gives seeds to requests without one.
+    """
+
+    def __init__(self, params: Any, config: ModelConfig, *, max_batch: int, max_prompt_len: int,
+                 max_new_tokens: int, prompt_buckets: Sequence[int] = (32, 128, 512), max_stop_ids: int = 8,
+                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0, seed: int = 0):
+        for name, value in (("max_batch", max_batch), ("max_prompt_len", max_prompt_len),
+                            ("max_new_tokens", max_new_tokens), ("max_stop_ids", max_stop_ids)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"JaxSampler: {name} must be a positive int, got {value!r}")
+        bad = [b for b in prompt_buckets if not isinstance(b, int) or b < 1]
+        if bad:
+            raise ValueError(f"JaxSampler: prompt_buckets must be positive ints, got {list(prompt_buckets)}")
+        self.buckets = tuple(sorted({b for b in prompt_buckets if b < max_prompt_len} | {max_prompt_len}))
+        self.config = config
+        self.max_batch = max_batch
+        self.max_prompt_len = max_prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.max_stop_ids = max_stop_ids
+        self.cache_len = max_prompt_len + max_new_tokens
+        if self.cache_len > config.max_position_embeddings:
+            raise ValueError(f"JaxSampler: max_prompt_len + max_new_tokens = {self.cache_len} exceeds "
+                             f"config.max_position_embeddings = {config.max_position_embeddings}")
+        self.mesh = mesh
+        self._lock = threading.Lock()
+        self._seed_rng = np.random.default_rng(seed)
+        self._params = self._place(params)
+        self._version = int(weight_version)
+        # Counts traces (= compilations) per jitted function; the tests hold it to one per shape.
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self._prefill = jax.jit(functools.partial(self._prefill_impl, config=config, cache_len=self.cache_len))
+        self._decode = jax.jit(functools.partial(self._decode_impl, config=config, max_new=max_new_tokens))
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def _place(self, params):
+        if self.mesh is None:
+            return params
+        return shard_params(params, self.config, self.mesh)
+
+    def update_weights(self, params: Any, version: int) -> None:
+        """Swaps in `params` (same tree, shapes and dtypes) as policy `version` (>= the current one)."""
+        want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), self._params)
+        got = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), params)
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            raise ValueError("update_weights: params must have the tree, shapes and dtypes of the current params")
+        if int(version) < self._version:
+            raise ValueError(f"update_weights: version must not go back, got {version} < {self._version}")
+        placed = self._place(params)
+        with self._lock:
+            self._params, self._version = placed, int(version)
+
+    # ----- jitted bodies ---------------------------------------------------------------------------
+
+    def _prefill_impl(self, params, tokens, lengths, *, config: ModelConfig, cache_len: int):
+        """tokens [B, P] right-padded, lengths [B] -> (next-token logits [B, V] f32, KVCache of cache_len)."""
+        self.trace_counts["prefill"] += 1
+        b, p = tokens.shape
+        cache = qwen3.init_cache(config, b, cache_len, dtype=config.param_dtype)
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        hidden, aux = qwen3.forward(params, config, tokens, positions, cache=cache, return_hidden=True)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        logits = jnp.einsum("bd,dv->bv", last, output_weight(params, config), preferred_element_type=jnp.float32)
+        return logits, aux.cache
+
+    def _decode_impl(self, params, logits, cache, lengths, seeds, temperature, top_p, top_k, stop_ids,
+                     row_max_new, active, *, config: ModelConfig, max_new: int):
+        """The sampling loop as one `lax.while_loop`, ending early once every row is done.
+
+        Args: logits [B, V] f32 after prefill; cache KVCache; lengths [B] int32 prompt lengths;
+          seeds [B] uint32; temperature, top_p [B] f32; top_k [B] int32; stop_ids [B, S] int32 (-1 pad);
+          row_max_new [B] int32; active [B] bool (False for padding rows).
+        Returns: (tokens [B, max_new] int32, logprobs [B, max_new] f32, counts [B] int32, stopped [B] bool).
+        """
+        self.trace_counts["decode"] += 1
+        b = logits.shape[0]
+        keys = jax.vmap(jax.random.key)(seeds)
+
+        def cond(state):
+            t, _, _, done, *_ = state
+            return (t < max_new) & ~jnp.all(done)
+
+        def body(state):
+            t, logits, cache, done, counts, stopped, out_tokens, out_logp = state
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+            tokens, logp = sample_tokens(logits, step_keys, temperature, top_p, top_k)
+            writing = ~done
+            out_tokens = out_tokens.at[:, t].set(jnp.where(writing, tokens, 0))
+            out_logp = out_logp.at[:, t].set(jnp.where(writing, logp, 0.0))
+            counts = counts + writing.astype(jnp.int32)
+            hit_stop = writing & jnp.any(tokens[:, None] == stop_ids, axis=-1)
+            stopped = stopped | hit_stop
+            done = done | hit_stop | (counts >= row_max_new)
+
+            def step(_):
+                # The token sampled at step t sits at position prompt_len + t, its cache slot.
+                positions = (lengths + t)[:, None]
+                next_logits, aux = qwen3.forward(params, config, tokens[:, None], positions, cache=cache)
+                return next_logits[:, 0], aux.cache
+
+            logits, cache = jax.lax.cond(jnp.all(done), lambda _: (logits, cache), step, None)
+            return t + 1, logits, cache, done, counts, stopped, out_tokens, out_logp
+
+        init = (jnp.int32(0), logits, cache, ~active, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
+                jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32))
+        _, _, _, _, counts, stopped, out_tokens, out_logp = jax.lax.while_loop(cond, body, init)
+        return out_tokens, out_logp, counts, stopped
+
+    # ----- host side -------------------------------------------------------------------------------
+
+    def _check_requests(self, prompts, params) -> list[SamplingParams]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: got {len(prompts)} prompts but {len(params)} SamplingParams")
+        vocab = self.config.vocab_size
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"generate: params[{i}] must be SamplingParams, got {type(sp).__name__}")
+            if not 1 <= len(prompt) <= self.max_prompt_len:
+                raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens; expected 1..{self.max_prompt_len}")
+            ids = np.asarray(prompt)
+            if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab:
+                raise ValueError(f"generate: prompt {i} must hold int token ids in [0, {vocab}), "
+                                 f"got {list(prompt)[:8]}...")
+            if sp.max_new_tokens > self.max_new_tokens:
+                raise ValueError(f"generate: request {i} asks max_new_tokens={sp.max_new_tokens}, "
+                                 f"this sampler was built for at most {self.max_new_tokens}")
+            if len(sp.stop_token_ids) > self.max_stop_ids:
+                raise ValueError(f"generate: request {i} has {len(sp.stop_token_ids)} stop ids, "
+                                 f"at most max_stop_ids={self.max_stop_ids}")
+        return params
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+        """Generates one continuation per prompt; see the module docstring for logprobs and seeds."""
+        prompts = [list(p) for p in prompts]
+        requests = self._check_requests(prompts, params)
+        with self._lock:
+            model_params, version = self._params, self._version
+            seeds = [sp.seed if sp.seed is not None else int(self._seed_rng.integers(_SEED_MODULUS))
+                     for sp in requests]
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch):
+            stop = start + self.max_batch
+            results.extend(self._generate_chunk(model_params, version, prompts[start:stop], requests[start:stop],
+                                                seeds[start:stop]))
+        return results
+
+    def _generate_chunk(self, model_params, version, prompts, requests, seeds) -> list[Generation]:
+        n, b = len(prompts), self.max_batch
+        bucket = next(x for x in self.buckets if x >= max(len(p) for p in prompts))
+        tokens = np.zeros((b, bucket), np.int32)
+        lengths = np.ones(b, np.int32)  # padding rows: a one-token prompt, never sampled from
+        stop_ids = np.full((b, self.max_stop_ids), -1, np.int32)
+        temperature, top_p = np.ones(b, np.float32), np.ones(b, np.float32)
+        top_k, row_max_new = np.zeros(b, np.int32), np.ones(b, np.int32)
+        row_seeds = np.zeros(b, np.uint32)
+        for i, (prompt, sp) in enumerate(zip(prompts, requests)):
+            tokens[i, :len(prompt)] = prompt
+            lengths[i] = len(prompt)
+            stop_ids[i, :len(sp.stop_token_ids)] = sp.stop_token_ids
+            temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+            row_max_new[i] = sp.max_new_tokens
+            row_seeds[i] = seeds[i] % _SEED_MODULUS
+        active = np.arange(b) < n
+        with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            logits, cache = self._prefill(model_params, tokens, lengths)
+            out = self._decode(model_params, logits, cache, lengths, row_seeds, temperature, top_p, top_k,
+                               stop_ids, row_max_new, active)
+        out_tokens, out_logp, counts, stopped = jax.device_get(out)
+        return [Generation(output_ids=out_tokens[i, :counts[i]].tolist(),
+                           logprobs=out_logp[i, :counts[i]].tolist(),
+                           finish_reason="stop" if stopped[i] else "length", weight_version=version)
+                for i in range(n)]
+

@@ -1,0 +1,185 @@
+"""The embedded JAX sampler against a no-cache forward, the learner's logprobs, and NumPy filters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ace.models import TINY_DENSE, forward, init_params
+from ace.models.sharding import make_mesh
+from ace.rollout.engine import RolloutEngine, SamplingParams
+from ace.rollout.jax_sampler import JaxSampler, apply_top_k, apply_top_p
+from ace.train.learner import LearnerConfig, learner_logprobs, make_batch
+from ace.train.queue import Sample
+
+CONFIG = TINY_DENSE.replace(vocab_size=64)
+MAX_NEW = 6
+PROMPTS = [[5, 9, 2], [7, 1, 3, 3, 8, 11, 4], [12], [30, 31, 32, 33, 34]]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def sampler(params):
+    return JaxSampler(params, CONFIG, max_batch=4, max_prompt_len=12, max_new_tokens=MAX_NEW, prompt_buckets=(8,))
+
+
+@jax.jit
+def _full_forward_logits(params, tokens):
+    """No-cache forward of [1, 16] right-padded tokens; causal, so padding never reaches earlier rows."""
+    logits, _ = forward(params, CONFIG, tokens, jnp.arange(tokens.shape[1])[None])
+    return logits[0]
+
+
+def _next_logits(params, seq):
+    padded = np.zeros((1, 16), np.int32)
+    padded[0, :len(seq)] = seq
+    return np.asarray(_full_forward_logits(params, jnp.asarray(padded))[len(seq) - 1], np.float64)
+
+
+def _numpy_top_k(logits, k):
+    out = np.full_like(logits, -np.inf)
+    for i, row in enumerate(logits):
+        keep = np.argsort(-row)[: (k[i] if 0 < k[i] <= row.size else row.size)]
+        out[i, keep] = row[keep]
+    return out
+
+
+def _numpy_top_p(logits, p):
+    out = np.full_like(logits, -np.inf)
+    for i, row in enumerate(logits):
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        total = 0.0
+        for idx in np.argsort(-row):
+            out[i, idx] = row[idx]
+            total += probs[idx]
+            if total >= p[i]:
+                break
+    return out
+
+
+def test_top_k_and_top_p_filters_match_numpy():
+    logits = np.asarray(jax.random.normal(jax.random.key(1), (6, 40)) * 3, np.float32)
+    k = np.array([0, 1, 3, 10, 40, 100], np.int32)
+    p = np.array([1.0, 0.05, 0.3, 0.5, 0.9, 0.99], np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(apply_top_k)(logits, k)), _numpy_top_k(logits, k))
+    np.testing.assert_array_equal(np.asarray(jax.jit(apply_top_p)(logits, p)), _numpy_top_p(logits, p))
+    with pytest.raises(ValueError, match="top_k"):
+        apply_top_k(jnp.asarray(logits), jnp.zeros(3, jnp.int32))
+
+
+def test_sampler_implements_the_rollout_protocol(sampler):
+    assert isinstance(sampler, RolloutEngine)
+
+
+def test_greedy_decoding_equals_stepwise_argmax_of_full_forward(sampler, params):
+    gens = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
+    for prompt, gen in zip(PROMPTS, gens):
+        seq, want_logp = list(prompt), []
+        for _ in range(MAX_NEW):
+            last = _next_logits(params, seq)
+            seq.append(int(np.argmax(last)))
+            want_logp.append(last[seq[-1]] - np.log(np.sum(np.exp(last - last.max()))) - last.max())
+        assert gen.output_ids == seq[len(prompt):]
+        assert gen.finish_reason == "length"
+        np.testing.assert_allclose(gen.logprobs, want_logp, atol=1e-4)
+
+
+def test_sampled_logprobs_at_temperature_one_equal_learner_recomputed_logprobs(sampler, params):
+    requests = [SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_k=k, top_p=p, seed=i)
+                for i, (k, p) in enumerate([(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.9)])]
+    gens = sampler.generate(PROMPTS, requests)
+    samples = [Sample(task_id=i, prompt_ids=p, output_ids=g.output_ids, rollout_logprobs=g.logprobs, reward=0.0,
+                      duration_s=0.0, policy_version=g.weight_version) for i, (p, g) in enumerate(zip(PROMPTS, gens))]
+    batch = make_batch(samples, np.zeros(len(samples)), pad_to=16)
+    recomputed = learner_logprobs(params, batch, config=LearnerConfig(logprob_chunk_size=8), model_config=CONFIG)
+    mask = batch.loss_mask != 0
+    assert mask.sum() == sum(len(g.output_ids) for g in gens)
+    np.testing.assert_allclose(np.asarray(recomputed)[mask], batch.rollout_logp[mask], atol=1e-4)
+
+
+def test_fixed_seed_is_reproducible_and_other_seeds_differ(sampler):
+    prompt = [PROMPTS[1]]
+    runs = [sampler.generate(prompt, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.5, seed=s))[0].output_ids
+            for s in (3, 3, 4, 5)]
+    assert runs[0] == runs[1]
+    assert runs[2] != runs[0] or runs[3] != runs[0]
+
+
+def test_top_k_one_sampling_is_greedy(sampler):
+    greedy = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
+    topk1 = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, temperature=2.0, top_k=1, seed=9))
+    assert [g.output_ids for g in greedy] == [g.output_ids for g in topk1]
+
+
+def test_a_request_does_not_depend_on_its_batch_mates(sampler):
+    mine = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.3, top_p=0.95, seed=11)
+    alone = sampler.generate([PROMPTS[0]], mine)[0]
+    others = [SamplingParams(max_new_tokens=3, temperature=0.0, stop_token_ids=(1,)),
+              SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, top_k=4, seed=2),
+              SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0)]
+    crowded = sampler.generate([PROMPTS[3], PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+                               [others[0], others[1], mine, others[2]])
+    assert crowded[2].output_ids == alone.output_ids
+    np.testing.assert_allclose(crowded[2].logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_stop_ids_end_a_sequence_and_max_tokens_give_length(sampler):
+    greedy = sampler.generate([PROMPTS[1]], SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))[0].output_ids
+    stop_token = greedy[2]
+    first = greedy.index(stop_token)
+    stopped = sampler.generate([PROMPTS[1]], SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0,
+                                                            stop_token_ids=(63, stop_token)))[0]
+    assert stopped.output_ids == greedy[:first + 1]
+    assert stopped.finish_reason == "stop"
+    short = sampler.generate([PROMPTS[1]], SamplingParams(max_new_tokens=2, temperature=0.0))[0]
+    assert short.output_ids == greedy[:2] and short.finish_reason == "length"
+
+
+def test_requests_in_one_bucket_compile_prefill_and_decode_once(params):
+    engine = JaxSampler(params, CONFIG, max_batch=2, max_prompt_len=12, max_new_tokens=3, prompt_buckets=(4, 8))
+    for prompts in ([[1, 2]], [[1, 2, 3], [4]], [[5, 6, 7, 8], [9], [10, 11]]):
+        engine.generate(prompts, SamplingParams(max_new_tokens=3, temperature=0.7, top_k=3))
+    engine.generate([[1]], SamplingParams(max_new_tokens=1, temperature=0.0, stop_token_ids=(2,)))
+    assert engine.trace_counts == {"prefill": 1, "decode": 1}
+    engine.generate([[1] * 7], SamplingParams(max_new_tokens=2))
+    assert engine.trace_counts == {"prefill": 2, "decode": 1}
+
+
+def test_sampler_on_a_mesh_equals_the_unsharded_sampler(sampler, params):
+    sharded = JaxSampler(params, CONFIG, max_batch=4, max_prompt_len=12, max_new_tokens=MAX_NEW, prompt_buckets=(8,),
+                         mesh=make_mesh({"fsdp": 2, "expert": 4}))
+    assert not sharded._params["layers"]["mlp"]["gate_proj"].sharding.is_fully_replicated
+    requests = [SamplingParams(max_new_tokens=MAX_NEW, temperature=t, seed=i) for i, t in enumerate([0, 1, 0.5, 0])]
+    want, got = sampler.generate(PROMPTS, requests), sharded.generate(PROMPTS, requests)
+    assert [g.output_ids for g in got] == [g.output_ids for g in want]
+    np.testing.assert_allclose(np.concatenate([g.logprobs for g in got]),
+                               np.concatenate([g.logprobs for g in want]), atol=1e-5)
+
+
+def test_update_weights_swaps_params_and_bumps_version(params):
+    engine = JaxSampler(params, CONFIG, max_batch=1, max_prompt_len=4, max_new_tokens=2, prompt_buckets=())
+    before = engine.generate([[3, 4]], SamplingParams(max_new_tokens=2, temperature=0.0))[0]
+    new = init_params(CONFIG, jax.random.key(42))
+    engine.update_weights(new, 3)
+    after = engine.generate([[3, 4]], SamplingParams(max_new_tokens=2, temperature=0.0))[0]
+    assert (before.weight_version, after.weight_version, engine.weight_version) == (0, 3, 3)
+    assert after.output_ids[0] == int(np.argmax(_next_logits(new, [3, 4])))
+    with pytest.raises(ValueError, match="version must not go back"):
+        engine.update_weights(new, 2)
+    with pytest.raises(ValueError, match="tree, shapes and dtypes"):
+        engine.update_weights({"embed": new["embed"]}, 4)
+
+
+def test_bad_requests_raise_with_the_offending_value(sampler):
+    with pytest.raises(ValueError, match="13 tokens; expected 1..12"):
+        sampler.generate([[1] * 13], SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match="max_new_tokens=7"):
+        sampler.generate([[1]], SamplingParams(max_new_tokens=7))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        sampler.generate([[64]], SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        sampler.generate([[1], [2]], [SamplingParams()])
