@@ -202,6 +202,16 @@ class SGLangEngine:
     def weight_version(self) -> int:
         return self._version
 
+    def in_flight(self) -> list[int]:
+        """Requests in flight on each server now (a snapshot, indexed like `servers`)."""
+        with self._lock:
+            return list(self._in_flight)
+
+    def down(self) -> set[int]:
+        """Indices of the servers taken out of dispatch until their recovery finishes (a snapshot)."""
+        with self._lock:
+            return set(self._down)
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
