@@ -6,7 +6,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ace.models.attention import ATTENTION_IMPLS
+
 MOE_IMPLS = ("ragged", "dense")
+# Key under which `to_hf_config` records the attention choice; HF loaders ignore unknown keys.
+HF_ATTENTION_KEY = "ace_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +19,9 @@ class ModelConfig:
 
     Every field is validated at construction so that a bad value fails at start-up with its name.
     `dtype` is the parameter (and compute) dtype name; logits and router math are float32 regardless.
+    `attention_impl` picks `ace.models.attention`'s path: "reference" materialises [B, H, T, T] scores
+    (fine for tiny models), "blockwise" tiles them by `attention_block_q` x `attention_block_kv`
+    (O(T) memory, needed for long contexts), "cudnn" uses the fused GPU kernel where it applies.
     """
 
     vocab_size: int
@@ -35,10 +42,13 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     moe_impl: str = "ragged"
     dtype: str = "float32"
+    attention_impl: str = "reference"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "max_position_embeddings")
+                    "max_position_embeddings", "attention_block_q", "attention_block_kv")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -62,6 +72,9 @@ class ModelConfig:
                              f"got {self.intermediate_size}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"ModelConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta}")
         if self.rms_norm_eps <= 0:
@@ -87,13 +100,16 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], *, dtype: str = "float32",
-                       moe_impl: str = "ragged") -> ModelConfig:
+    def from_hf_config(cls, hf: dict[str, Any], *, dtype: str = "float32", moe_impl: str = "ragged",
+                       attention_impl: str | None = None) -> ModelConfig:
         """Builds a config from an HF `config.json` dict (model_type "qwen3" or "qwen3_moe").
 
         Accepts both the transformers 4 spelling (`rope_theta`, `num_experts`) and the
         transformers 5 one (`rope_parameters`, `num_local_experts`). Layouts this code path does
         not implement (dense layers inside an MoE model, RoPE scaling, sliding window) raise.
+        The attention path is `attention_impl` when given, else the `ace_attention` entry that
+        `to_hf_config` writes, else "blockwise": a published checkpoint is a long-context model, and
+        blockwise attention is exact at O(T) memory.
         """
         model_type = hf.get("model_type")
         if model_type not in ("qwen3", "qwen3_moe"):
@@ -114,6 +130,7 @@ class ModelConfig:
                 raise ValueError(f"every layer must be MoE; got mlp_only_layers={hf.get('mlp_only_layers')!r} "
                                  f"decoder_sparse_step={hf.get('decoder_sparse_step')!r}")
         hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        ace_attention = hf.get(HF_ATTENTION_KEY) or {}
         return cls(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
@@ -133,6 +150,9 @@ class ModelConfig:
             router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             moe_impl=moe_impl,
             dtype=dtype,
+            attention_impl=attention_impl or str(ace_attention.get("impl", "blockwise")),
+            attention_block_q=int(ace_attention.get("block_q", 512)),
+            attention_block_kv=int(ace_attention.get("block_kv", 512)),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -157,6 +177,8 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "use_sliding_window": False,
             "torch_dtype": self.dtype,
+            HF_ATTENTION_KEY: {"impl": self.attention_impl, "block_q": self.attention_block_q,
+                               "block_kv": self.attention_block_kv},
         }
         if self.is_moe:
             hf.update({
@@ -188,6 +210,9 @@ QWEN3_30B_A3B = ModelConfig(
     intermediate_size=6144, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
     norm_topk_prob=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
     max_position_embeddings=40960, router_aux_loss_coef=0.001, dtype="bfloat16",
+    # [B, H, T, T] scores at 32K tokens do not fit any device; 512 x 512 tiles are the usual
+    # FlashAttention-2 size for Dh = 128.
+    attention_impl="blockwise", attention_block_q=512, attention_block_kv=512,
 )
 
 NAMED_CONFIGS = {"tiny": TINY, "tiny-dense": TINY_DENSE, "qwen3-30b-a3b": QWEN3_30B_A3B}

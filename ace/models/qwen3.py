@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ace.models import moe
+from ace.models.attention import attention
 from ace.models.configs import ModelConfig
 from ace.models.sharding import constrain
 
@@ -147,21 +148,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool -> [B, T, H, Dh]."""
-    b, t, h, dh = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, dh)  # query head h serves kv head h // (H/K), as HF repeat_kv
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-        jnp.float32(dh))
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
+def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask, routing, cache_kv):
+    """One pre-norm block: h + attn(norm(h)), then + mlp(norm(.)). h [B, T, D].
 
-
-def _decoder_layer(config: ModelConfig, h, layer, positions, mask, token_mask, routing, cache_kv):
-    """One pre-norm block: h + attn(norm(h)), then + mlp(norm(.)). h [B, T, D]."""
+    masking: the `ace.models.attention.attention` mask inputs (positions, segment ids, index_causal).
+    """
     c = config
     b, t, d = h.shape
     attn = layer["attn"]
@@ -182,7 +173,8 @@ def _decoder_layer(config: ModelConfig, h, layer, positions, mask, token_mask, r
         cv = cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop")
         new_kv = (ck, cv)
         k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    o = _attend(q, k, v, mask)
+    o = attention(q, k, v, impl=c.attention_impl, causal=True, block_q=c.attention_block_q,
+                  block_kv=c.attention_block_kv, **masking)
     h = h + jnp.einsum("bthk,hkd->btd", o, attn["o_proj"])
     h = constrain(h, ("batch", "length", "act_embed"))
 
@@ -258,21 +250,20 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     h = constrain(h, ("batch", "length", "act_embed"))
 
     if cache is not None:
-        slots = jnp.arange(cache.k.shape[2])
-        mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        # A query sees the cache slots up to its own position (slot == position).
+        slots = jnp.broadcast_to(jnp.arange(cache.k.shape[2], dtype=jnp.int32), (b, cache.k.shape[2]))
+        masking = dict(q_positions=positions, kv_positions=slots, index_causal=False)
         token_mask = jnp.ones((b, t), bool)
     else:
-        idx = jnp.arange(t)
-        mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            token_mask = segment_ids != 0
-        else:
-            token_mask = jnp.ones((b, t), bool)
+        # Causal by index in T (not by RoPE position), within a segment when packed.
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        masking = dict(q_positions=idx, kv_positions=idx, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                       index_causal=segment_ids is None)
+        token_mask = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
 
     def body(carry, xs):
         layer, layer_routing, layer_kv = xs
-        out, aux, ids, new_kv = _decoder_layer(c, carry, layer, positions, mask, token_mask, layer_routing,
+        out, aux, ids, new_kv = _decoder_layer(c, carry, layer, positions, masking, token_mask, layer_routing,
                                                layer_kv)
         return out, (aux, ids, new_kv)
 
