@@ -15,6 +15,7 @@ import numpy as np
 
 from ace.curriculum.potential import DEFAULT_OPTIMISTIC_VALUE, get_potential, learnability
 from ace.curriculum.table import NO_TASK, TaskRows, TaskTable, check_table
+from ace.curriculum.topk import top_k
 from ace.curriculum.validation import check_indices, check_scalar, is_concrete
 
 # InsertResult.status codes, one per candidate row.
@@ -58,45 +59,60 @@ def _first_occurrence(rows_valid: jax.Array, h0: jax.Array, h1: jax.Array) -> ja
     return jnp.zeros((r,), jnp.int32).at[order].set(order[run_start])
 
 
-def _match_existing(table: TaskTable, query: jax.Array, h0: jax.Array, h1: jax.Array) -> jax.Array:
-    """[C] int32: for each live table row, the query row with the same hash, or -1.
+def _query_buckets(query: jax.Array, h0: jax.Array, h1: jax.Array):
+    """A direct-mapped hash table of the R query hashes: each table row checks one bucket.
 
-    A [C, R] comparison costs 64M compares at C = 1M, R = 64. Instead the R query hashes are put
-    into B >> R buckets (low bits of the first hash word); each table row reads one bucket and checks
-    the (usually single) query row in it. Bucket collisions among query rows are resolved exactly by
-    walking the sorted run, for as many rounds as the longest run (1 almost always).
+    A [C, R] comparison costs 64M compares at C = 1M, R = 64. Instead each query takes the bucket
+    given by the low bits of its first hash word (B >= 256 (R - 1) buckets, a power of two:
+    128 KiB at R = 64, so the table stays in cache), and each table row compares its hash with its bucket's two words. An
+    empty bucket j holds a first word whose low bits are not j, so no row matches it. A query whose
+    bucket a lower-index query took (about R^2 / 2B queries per call, ~0.1 at R = 64) is an
+    overflow query, matched by its own pass over the table (`_mark_overflow_duplicates`).
+
+    Args:
+      query: [R] bool, rows to look up (distinct hashes).
+      h0, h1: [R] uint32 hash words.
+
+    Returns:
+      (bucket_h0 [B] uint32, bucket_h1 [B] uint32, overflow [R] bool).
     """
     r = query.shape[0]
-    nb = 1 << max(10, (r - 1).bit_length() + 10)
+    nb = 1 << max(10, (r - 1).bit_length() + 8)
+    ridx = jnp.arange(r, dtype=jnp.int32)
     qb = jnp.where(query, (h0 & jnp.uint32(nb - 1)).astype(jnp.int32), nb)
-    border = jnp.argsort(qb, stable=True).astype(jnp.int32)
-    sb, sh0, sh1 = qb[border], h0[border], h1[border]
-    pos = jnp.arange(r, dtype=jnp.int32)
-    start_of_bucket = jnp.full((nb,), r, jnp.int32).at[sb].min(pos, mode="drop")
-    run_len = jnp.where(sb < nb, pos - start_of_bucket[jnp.minimum(sb, nb - 1)] + 1, 0)
+    owner = jnp.full((nb,), r, jnp.int32).at[qb].min(ridx, mode="drop")
+    is_owner = query & (owner[jnp.minimum(qb, nb - 1)] == ridx)
+    # Scatters (not a select over `owner`) so that the tables are stored before the [C] pass; a
+    # select would be fused into it and re-gathered per table row.
+    w = jnp.where(is_owner, qb, nb)
+    bucket_h0 = (jnp.arange(nb, dtype=jnp.uint32) ^ jnp.uint32(1)).at[w].set(h0, mode="drop")
+    bucket_h1 = jnp.zeros((nb,), jnp.uint32).at[w].set(h1, mode="drop")
+    return bucket_h0, bucket_h1, query & ~is_owner
 
+
+def _is_duplicate(table: TaskTable, bucket_h0: jax.Array, bucket_h1: jax.Array) -> jax.Array:
+    """[C] bool: live rows whose state hash is a query's (overflow queries excepted)."""
+    nb = bucket_h0.shape[0]
     t0, t1 = table.state_hash[:, 0], table.state_hash[:, 1]
-    tb = (t0 & jnp.uint32(nb - 1)).astype(jnp.int32)
-    start = start_of_bucket[tb]
-
-    def probe(k, match):
-        p = start + k
-        pc = jnp.minimum(p, r - 1)
-        hit = table.valid & (p < r) & (sb[pc] == tb) & (sh0[pc] == t0) & (sh1[pc] == t1)
-        return jnp.where(hit, border[pc], match)
-
-    # The first probe is one fused pass over the table; further rounds run only on bucket collisions.
-    match = probe(0, jnp.full(t0.shape, -1, jnp.int32))
-    _, match = jax.lax.while_loop(lambda c: c[0] < run_len.max(), lambda c: (c[0] + 1, probe(c[0], c[1])),
-                                  (jnp.int32(1), match))
-    return match
+    tb = t0 & jnp.uint32(nb - 1)  # unsigned: no negative-index wrap-around in the gather
+    return table.valid & (bucket_h0[tb] == t0) & (bucket_h1[tb] == t1)
 
 
 def _eviction_key(table: TaskTable, evict: str, potential: str, optimistic_value, step) -> jax.Array:
     """[C] float32, higher = evicted first: lowest potential, or oldest, first."""
     if evict == "potential":
-        return -learnability(table, potential=potential, optimistic_value=optimistic_value, step=step)
-    return -table.created_step.astype(jnp.float32)
+        key = -learnability(table, potential=potential, optimistic_value=optimistic_value, step=step)
+    else:
+        key = -table.created_step.astype(jnp.float32)
+    # -0.0 -> +0.0: `top_k` ranks the two zeros alike (ties by row index, as documented in `insert`).
+    return jnp.where(key == 0.0, jnp.float32(0.0), key)
+
+
+def _mark_overflow_duplicates(table, h0, h1, overflow_order, i, score):
+    """Sets score = +inf on the live row duplicating the i-th overflow query (see `_query_buckets`)."""
+    q = overflow_order[i]
+    hit = table.valid & (table.state_hash[:, 0] == h0[q]) & (table.state_hash[:, 1] == h1[q])
+    return jnp.where(hit, jnp.inf, score)
 
 
 @functools.partial(jax.jit, static_argnames=("evict", "potential", "max_depth"))
@@ -110,21 +126,32 @@ def _insert_kernel(table, rows, step, protected, evict, potential, optimistic_va
 
     first = _first_occurrence(live, h0, h1)
     is_first = live & (first == ridx)
-    match = _match_existing(table, is_first, h0, h1)
-    matched = match >= 0
+    bucket_h0, bucket_h1, overflow = _query_buckets(is_first, h0, h1)
 
-    protected_mask = jnp.zeros((c,), bool).at[jnp.where(protected >= 0, protected, c)].set(
-        True, mode="drop")
     # One top-k ranks every row: rows a candidate duplicates (kept, reported as merge targets), then
-    # empty rows, then evictable rows by eviction key; protected rows are never chosen.
-    score = jnp.where(matched, jnp.inf,
-                      jnp.where(~table.valid, jnp.finfo(jnp.float32).max,
-                                jnp.where(protected_mask, -jnp.inf,
-                                          _eviction_key(table, evict, potential, optimistic_value, step))))
+    # empty rows, then evictable rows by eviction key; protected rows are never chosen. The whole
+    # [C] score is one fused pass over the table; ties rank by lowest row index.
+    evict_key = _eviction_key(table, evict, potential, optimistic_value, step)
+    score = jnp.where(_is_duplicate(table, bucket_h0, bucket_h1), jnp.inf,
+                      jnp.where(~table.valid, jnp.finfo(jnp.float32).max, evict_key))
+    score = jax.lax.fori_loop(0, overflow.sum(), functools.partial(_mark_overflow_duplicates, table, h0, h1,
+                                                                   jnp.argsort(~overflow, stable=True)), score)
+    # Protected rows go to the bottom unless empty or a merge target; a scatter of P entries
+    # instead of a [C] protected mask read by the pass above.
+    p_ok = (protected >= 0) & (protected < c)
+    p_safe = jnp.where(p_ok, protected, 0)
+    p_score = score[p_safe]
+    score = score.at[jnp.where(p_ok, protected, c)].set(
+        jnp.where(table.valid[p_safe] & (p_score != jnp.inf), -jnp.inf, p_score), mode="drop")
     k = min(2 * r, c)
-    vals, rank_rows = jax.lax.top_k(score, k)
-    n_matched = (vals == jnp.inf).sum()
-    existing = jnp.full((r,), -1, jnp.int32).at[jnp.where(vals == jnp.inf, match[rank_rows], r)].set(
+    vals, rank_rows = top_k(score, k)
+    merge_target = vals == jnp.inf
+    n_matched = merge_target.sum()
+    # Which query each merge target duplicates: a [k, R] compare of the few ranked rows' hashes.
+    ranked_hash = table.state_hash[rank_rows]
+    same = (is_first[None, :] & (ranked_hash[:, 0:1] == h0[None, :]) & (ranked_hash[:, 1:2] == h1[None, :]))
+    match_rank = jnp.where(same.any(axis=1), jnp.argmax(same, axis=1), r).astype(jnp.int32)
+    existing = jnp.full((r,), -1, jnp.int32).at[jnp.where(merge_target, match_rank, r)].set(
         rank_rows, mode="drop")
 
     to_add = is_first & (existing < 0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ace.curriculum.potential import DEFAULT_OPTIMISTIC_VALUE, get_potential, learnability
 from ace.curriculum.table import TaskTable, check_table
+from ace.curriculum.topk import top_k
 from ace.curriculum.validation import check_scalar, is_concrete
 
 Sampler = Callable[..., jax.Array]
@@ -44,11 +45,15 @@ def sampling_probs(table: TaskTable, *, temperature, eps_uniform, potential: str
     check_scalar(eps_uniform, "eps_uniform", low=0.0, high=1.0)
     lp = learnability(table, potential=potential, optimistic_value=optimistic_value, step=step)
     valid = table.valid
-    n_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    # A float32 count is exact below 2**24 rows and saves materialising valid as int32 for the sum.
+    n_valid = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
     logits = jnp.where(valid, lp / temperature, -jnp.inf)
-    # Subtracting the max keeps exp finite for small temperatures; an empty table stays all-zero.
-    m = jnp.max(jnp.where(valid, logits, jnp.finfo(jnp.float32).min))
-    w = jnp.where(valid, jnp.exp(logits - m), 0.0)
+    # Subtracting the max keeps exp finite for small temperatures; an empty table stays all-zero
+    # (m = float32 min, so exp(-inf - m) = 0). Reducing `logits` itself, not a re-masked copy,
+    # spares a [C] temporary: logits on valid rows are finite, so the max is theirs.
+    m = jnp.max(logits)
+    m = jnp.where(m == -jnp.inf, jnp.finfo(jnp.float32).min, m)
+    w = jnp.exp(logits - m)
     soft = w / jnp.maximum(w.sum(), jnp.finfo(jnp.float32).tiny)
     q = (1.0 - eps_uniform) * soft + eps_uniform * valid / n_valid
     return jnp.where(valid, q, 0.0).astype(jnp.float32)
@@ -86,8 +91,10 @@ def _top_n_without_replacement(key: jax.Array, weights: jax.Array, n: int) -> ja
     weight 0 are never drawn: their positions in the output are -1.
     """
     e = -jnp.log(row_uniforms(key, weights.shape[0]))
-    score = jnp.where(weights > 0, weights / e, -1.0)
-    vals, idx = jax.lax.top_k(score, n)
+    # Same values as where(w > 0, w / e, -1), written so the division is the last op: XLA then
+    # stores the score once for both passes of `top_k` instead of storing w / e and a masked copy.
+    score = jnp.where(weights > 0, weights, -e) / e
+    vals, idx = top_k(score, n)
     return jnp.where(vals >= 0, idx, -1).astype(jnp.int32)
 
 

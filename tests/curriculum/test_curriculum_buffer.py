@@ -226,3 +226,46 @@ def test_bad_insert_input_raises_naming_the_problem(make_filled_table):
     with pytest.raises(ValueError, match="capacity must be a positive int"):
         init_table(0)
     assert isinstance(rows, TaskRows)
+
+
+def test_duplicates_sharing_a_hash_bucket_are_all_merged(make_filled_table):
+    # R = 8 candidates use 2048 buckets keyed by the low 11 bits of the first hash word: these live
+    # states all land in bucket 5, so all but one of the queries overflow to the exact fallback pass.
+    table, _ = make_filled_table(8, 3)
+    live = np.array([[5, 1], [5 + 2048, 2], [5 + 4096, 3]], np.uint32)
+    table = table._replace(state_hash=table.state_hash.at[:3].set(live))
+    cands = np.concatenate([live[::-1], [[5 + 8192, 4], [5, 9]]]).astype(np.uint32)
+    rows = make_rows(-1, 0, 1, cands, pad_to=ROWS)
+    lp = np.asarray(learnability(table, potential="success_variance", optimistic_value=0.25))
+    new, result = insert(table, rows, step=1)
+    expected, next_id = reference_insert(table, rows, 1, np.array([-1]), lp)
+    np.testing.assert_array_equal(np.stack([np.asarray(x) for x in result], axis=1), expected)
+    assert np.asarray(result.status)[:5].tolist() == [MERGED, MERGED, MERGED, ADDED, ADDED]
+    assert np.asarray(result.slot)[:3].tolist() == [2, 1, 0]
+    assert int(new.next_task_id) == next_id
+
+
+def test_insert_into_a_large_full_table_matches_the_brute_force_reference():
+    # 4096 rows: eviction ranks through the two-level top-k; LP takes 5 values, so ties abound.
+    c, rng = 4096, np.random.default_rng(7)
+    table = init_table(c)
+    hashes = np.stack([rng.integers(0, 2**32, c, dtype=np.uint32), np.arange(c, dtype=np.uint32)], 1)
+    table = table._replace(valid=jnp.ones(c, bool), task_id=jnp.arange(c, dtype=jnp.int32),
+                           visits=jnp.asarray(rng.integers(0, 2, c) * 4, jnp.int32),
+                           recent_success_rate=jnp.asarray(rng.integers(0, 5, c) / 4, jnp.float32),
+                           state_hash=jnp.asarray(hashes), next_task_id=jnp.int32(c))
+    lp = np.asarray(learnability(table, potential="success_variance", optimistic_value=0.25))
+    for trial in range(3):
+        fresh = np.stack([rng.integers(0, 2**32, ROWS, dtype=np.uint32),
+                          rng.integers(2**31, 2**32, ROWS, dtype=np.uint32)], 1)
+        fresh[:3] = hashes[rng.integers(0, c, 3)]  # duplicates of live tasks
+        fresh[5] = fresh[4]  # a duplicate within the batch
+        rows = make_rows(-1, 0, 1, fresh)
+        lowest = np.flatnonzero(lp == 0)[:20]  # protect some of the first rows eviction would pick
+        protected = np.concatenate([lowest[::2], [-1]]).astype(np.int32)
+        new, result = insert(table, rows, step=3, protected=protected)
+        expected, next_id = reference_insert(table, rows, 3, protected, lp)
+        np.testing.assert_array_equal(np.stack([np.asarray(x) for x in result], axis=1), expected,
+                                      err_msg=f"trial {trial}")
+        assert int(new.next_task_id) == next_id
+        assert (expected[:, 3] >= 0).sum() == (expected[:, 0] == ADDED).sum() == 4

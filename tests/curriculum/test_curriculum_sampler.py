@@ -125,3 +125,22 @@ def test_non_key_and_unknown_sampler_are_rejected(make_filled_table):
         sample_uniform(np.float32(3.0), table, 2)
     with pytest.raises(ValueError, match="unknown curriculum.sampler 'greedy'"):
         get_sampler("greedy")
+
+
+def test_large_table_draws_equal_the_one_level_gumbel_top_k():
+    # 8192 rows, n = 8: `sample` selects through block maxima; the reference scores every row and
+    # runs one lax.top_k, as the sampler's docstring describes (top-n of q_i / E_i).
+    from ace.curriculum import init_table
+    from ace.curriculum.sampler import row_uniforms
+
+    c, n, rng = 8192, 8, np.random.default_rng(4)
+    table = init_table(c)
+    table = table._replace(valid=jnp.asarray(rng.random(c) < 0.9), visits=jnp.asarray(rng.integers(0, 2, c), jnp.int32),
+                           recent_success_rate=jnp.asarray(rng.integers(0, 5, c) / 4, jnp.float32))
+    kw = dict(temperature=TAU, eps_uniform=EPS, potential="success_variance")
+    q = sampling_probs(table, **kw)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        e = -jnp.log(row_uniforms(key, c))
+        _, want = jax.lax.top_k(jnp.where(q > 0, q / e, -1.0), n)
+        np.testing.assert_array_equal(np.asarray(sample(key, table, n, step=1, **kw)), np.asarray(want))
