@@ -56,6 +56,10 @@ def namespace_init(status_fd: int, spec: dict) -> None:
                 os.symlink(os.readlink(top), new + top)
             elif os.path.isdir(top):
                 bind(top, ro=True)
+        # The private /tmp comes before the interpreter binds, so an interpreter installed under /tmp
+        # (a checkout in /tmp) stays visible inside it instead of being hidden by it.
+        os.makedirs(new + "/tmp", exist_ok=True)
+        mount(libc, "tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec['tmp_mb']}m,mode=1777")
         for root in spec["ro_binds"]:
             if not any(root == t or root.startswith(t + "/") for t in ("/usr", "/etc")):
                 bind(root, ro=True)
@@ -70,8 +74,6 @@ def namespace_init(status_fd: int, spec: dict) -> None:
             os.symlink(target, f"{new}/dev/{name}")
         os.makedirs(new + "/dev/shm")
         mount(libc, "tmpfs", new + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
-        os.makedirs(new + "/tmp", exist_ok=True)
-        mount(libc, "tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec['tmp_mb']}m,mode=1777")
         # Bound last so that a workspace under /tmp lands inside the private /tmp, not under it.
         bind(spec["workspace"], ro=False)
         os.chroot(new)
