@@ -54,3 +54,45 @@ def test_cli_rejects_unknown_key():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "bogus" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, children, sync, sampler", [
+    ([], True, False, "learnability"),
+    (["ablation=no_buffer"], False, False, "learnability"),
+    (["ablation=sync"], True, True, "learnability"),
+    (["ablation=uniform_sampling"], True, False, "uniform"),
+])
+def test_ablations_become_trainer_switches(overrides, children, sync, sampler):
+    from omegaconf import OmegaConf
+
+    from ace.curriculum import CurriculumConfig
+    from ace.train.trainer import TrainerConfig
+
+    cfg = OmegaConf.to_container(_compose(overrides), resolve=False)
+    tcfg = TrainerConfig.from_cfg(cfg)
+    assert (tcfg.children, tcfg.sync) == (children, sync)
+    assert CurriculumConfig.from_mapping(cfg["curriculum"]).sampler == sampler
+
+
+def test_switches_reach_the_trainer_config():
+    from omegaconf import OmegaConf
+
+    from ace.train.trainer import TrainerConfig
+
+    cfg = OmegaConf.to_container(_compose(["train.duration_weighting=true", "train.stepwise=false",
+                                           "env.instrument=false", "+exp=tiny_smoke"]), resolve=False)
+    tcfg = TrainerConfig.from_cfg(cfg)
+    assert tcfg.duration_weighting and not tcfg.stepwise and not tcfg.instrument
+    assert (tcfg.steps, tcfg.group_size, tcfg.max_steps) == (2, 4, 2)
+
+
+def test_env_reward_overrides_reach_the_reward_config():
+    from omegaconf import OmegaConf
+
+    from ace.train.experiment import reward_config
+
+    cfg = OmegaConf.to_container(_compose(["env.reward.submit_without_valid=-0.9"]), resolve=False)
+    assert reward_config(cfg).submit_without_valid == -0.9
+    cfg["env"]["reward"] = {"no_such_constant": 1.0}
+    with pytest.raises(ValueError, match="no_such_constant"):
+        reward_config(cfg)

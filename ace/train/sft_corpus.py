@@ -1,0 +1,329 @@
+"""The SFT corpus of stage 1: (state -> action) pairs from real, graded runs of compact reference scripts.
+
+For each training competition the reference population (`ace.env.reference_solutions`) is rewritten as
+compact scripts (same model, preprocessing, feature choice and output rule, in ~700 characters so that a
+complete script fits the tiny policy's generation budget); a diverse subset is run in the sandbox through
+`MLEEnv`, graded, and turned into `initial`, `improve` and `submit` examples. `ace.train.sft` trains on them.
+"""
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import dataclasses
+import json
+import random
+import re
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from ace.env.agent import Action, AgentState, PromptConfig, build_messages, data_summary, format_action
+from ace.env.gym import MLEEnv
+from ace.env.reference_solutions import ReferenceScript, reference_scripts
+from ace.env.reward import RewardConfig
+
+
+EXAMPLE_KINDS = ("initial", "improve", "submit")
+
+
+# --- compact scripts --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CandidateScript:
+    """A complete compact solution script and what makes it different from its siblings."""
+
+    name: str
+    code: str
+    family: str                    # the estimator class (the inner one of a target transformer)
+    preprocess: tuple[str, ...]    # preprocessing step classes, in order
+    features: str                  # all | half | first | first2
+
+
+_FEATURE_LINES = {"all": None, "half": "feats = feats[: max(1, len(feats) // 2)]",
+                  "first": "feats = feats[:1]", "first2": "feats = feats[:2]"}
+
+
+def _script_constants(code: str) -> tuple[dict, dict]:
+    """Module-level literal constants and `from m import name` bindings of a reference script."""
+    constants, imports = {}, {}
+    for node in ast.parse(code).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                imports[alias.asname or alias.name] = node.module
+    return constants, imports
+
+
+def _called_names(expr: str) -> list[str]:
+    return [n.func.id for n in ast.walk(ast.parse(expr, mode="eval"))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+
+
+# Size names a reference expression may use, as the compact script computes them.
+_SIZE_NAMES = {"n_features": "len(feats)", "n_samples": "len(train)"}
+
+
+def _bind_sizes(expr: str) -> str:
+    return re.sub(r"\b(" + "|".join(_SIZE_NAMES) + r")\b", lambda m: _SIZE_NAMES[m.group(1)], expr)
+
+
+def compact_script(script: ReferenceScript, comp: Any) -> CandidateScript:
+    """Rewrite a reference script as a short script with the same predictions.
+
+    Keeps the reference's estimator, preprocessing expressions, feature selection and output rule
+    (labels, P(class 1) as the last `predict_proba` column, renormalised class probabilities with
+    the log-loss clip, or values); only the generic `solve` scaffolding is dropped.
+    """
+    constants, imports = _script_constants(script.code)
+    missing = {"MODE", "CLIP", "FEATURES", "MULTI_NATIVE", "PREPROCESS", "MODEL"} - set(constants)
+    if missing:
+        raise ValueError(f"reference script {script.name!r} lacks the constants {sorted(missing)}")
+    mode, clip = constants["MODE"], float(constants["CLIP"])
+    pre = [_bind_sizes(e) for e in constants["PREPROCESS"]]
+    model = _bind_sizes(constants["MODEL"])
+    if mode == "value" and len(comp.target_columns) > 1 and not constants["MULTI_NATIVE"]:
+        model = f"MultiOutputRegressor({model})"
+    called = sorted({n for e in (*pre, model) for n in _called_names(e) if n in imports})
+    by_module: dict[str, list[str]] = {}
+    for name in called:
+        by_module.setdefault(imports[name], []).append(name)
+    lines = ["import os", "import pandas as pd", "from sklearn.pipeline import make_pipeline",
+             *(f"from {m} import {', '.join(ns)}" for m, ns in sorted(by_module.items())), "",
+             'train = pd.read_csv("data/train.csv")', 'test = pd.read_csv("data/test.csv")',
+             'sub = pd.read_csv("data/sample_submission.csv")', "out = list(sub.columns[1:])",
+             "feats = [c for c in test.columns if c != sub.columns[0]]"]
+    if constants["FEATURES"] not in _FEATURE_LINES:
+        raise ValueError(f"reference script {script.name!r}: FEATURES={constants['FEATURES']!r}, expected "
+                         f"one of {sorted(_FEATURE_LINES)}")
+    if _FEATURE_LINES[constants["FEATURES"]]:
+        lines.append(_FEATURE_LINES[constants["FEATURES"]])
+    lines += ["target = [c for c in train.columns if c not in test.columns]",
+              f"model = make_pipeline({', '.join([*pre, model])})",
+              "model.fit(train[feats].values, train[target].values.squeeze())",
+              "X = test[feats].values"]
+    if mode == "label":
+        lines.append("sub[out[0]] = model.predict(X)")
+    elif mode == "value":
+        lines.append("sub[out] = model.predict(X).reshape(len(X), -1)")
+    elif mode == "proba_binary":
+        lines.append("sub[out[0]] = model.predict_proba(X)[:, -1]" + (f".clip({clip}, {1 - clip})" if clip else ""))
+    elif mode == "proba_multi":
+        lines += ["proba = pd.DataFrame(model.predict_proba(X), columns=[str(c) for c in model.classes_])",
+                  "proba = proba.reindex(columns=out, fill_value=0.0)" + (f".clip({clip}, 1.0)" if clip else ""),
+                  "sub[out] = proba.div(proba.sum(axis=1), axis=0).values"]
+    else:
+        raise ValueError(f"reference script {script.name!r}: MODE={mode!r}, expected label | value | "
+                         "proba_binary | proba_multi")
+    lines += ['os.makedirs("submission", exist_ok=True)', 'sub.to_csv("submission/submission.csv", index=False)']
+    estimator = _called_names(constants["MODEL"])
+    family = estimator[1] if estimator[0] == "TransformedTargetRegressor" and len(estimator) > 1 else estimator[0]
+    steps = tuple(n for e in constants["PREPROCESS"] for n in _called_names(e)[:1])
+    return CandidateScript(name=script.name, code="\n".join(lines) + "\n", family=family, preprocess=steps,
+                           features=constants["FEATURES"])
+
+
+def select_diverse(candidates: Sequence[CandidateScript], n: int, *, seed: int) -> list[CandidateScript]:
+    """Pick `n` scripts, spreading over model families first, then over (preprocessing, features).
+
+    Round r takes, in a seeded random order, one unseen (family, preprocess, features) variant of
+    each family that still has one, so the first min(n, #families) picks are distinct families.
+    Dummy predictors are left out: they teach nothing a first attempt should do.
+    """
+    pool = [c for c in candidates if not c.family.startswith("Dummy")]
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"n={n}, expected 1 <= n <= {len(pool)} (non-dummy candidates)")
+    rng = random.Random(seed)
+    by_family: dict[str, list[CandidateScript]] = {}
+    for c in rng.sample(pool, len(pool)):
+        by_family.setdefault(c.family, []).append(c)
+    for name, family in by_family.items():
+        # Distinct (preprocess, features) variants first, repeats of a variant (other hyperparameters) last.
+        distinct, repeats, seen = [], [], set()
+        for c in family:
+            (repeats if (c.preprocess, c.features) in seen else distinct).append(c)
+            seen.add((c.preprocess, c.features))
+        by_family[name] = distinct + repeats
+    picked: list[CandidateScript] = []
+    families = rng.sample(sorted(by_family), len(by_family))
+    while len(picked) < n:
+        for family in families:
+            if by_family[family] and len(picked) < n:
+                picked.append(by_family[family].pop(0))
+    return picked
+
+
+# --- corpus -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    """One (state -> action) pair.
+
+    messages: the chat prompt of the state (`build_messages`); action: the target text
+    (`format_action` of the action); kind: an EXAMPLE_KINDS entry; score: the graded score of the
+    action's script, or for `submit` the state's best score; None when there is none.
+    """
+
+    messages: list[dict]
+    action: str
+    comp_id: str
+    kind: str
+    score: float | None
+
+    def __post_init__(self):
+        if self.kind not in EXAMPLE_KINDS:
+            raise ValueError(f"SFTExample.kind must be one of {EXAMPLE_KINDS}, got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    script: CandidateScript
+    state_after: AgentState
+    outcome: str          # ace.env.reward OUTCOMES entry: "valid", "invalid", "runtime_error", ...
+    score: float | None
+    good: bool = False    # valid and strictly better than the leaderboard median
+
+
+def _run_competition(comp, sandbox, scripts: Sequence[CandidateScript], *, max_steps: int,
+                     exec_timeout_s: float, prompt_cfg: PromptConfig) -> list[_Run]:
+    runs = []
+    with MLEEnv(comp, sandbox, reward_cfg=RewardConfig(), max_steps=max_steps, exec_timeout_s=exec_timeout_s,
+                instrument=False, prompt_cfg=prompt_cfg) as env:
+        for script in scripts:
+            env.reset()
+            result = env.step(format_action(Action("execute_code", script.code)))
+            valid = result.outcome == "valid"
+            runs.append(_Run(script, result.state_after, result.outcome,
+                             float(result.grade.score) if valid else None,
+                             bool(valid and result.grade.above_median)))
+    return runs
+
+
+def _examples_for(comp, runs: Sequence[_Run], *, max_steps: int, prompt_cfg: PromptConfig, improve_per_comp: int,
+                  rng: random.Random) -> list[SFTExample]:
+    def better(a, b):
+        return a > b if comp.higher_is_better else a < b
+
+    def msgs(state):
+        return build_messages(state, comp, prompt_cfg, summary=summary)
+
+    def example(state, action, kind, score):
+        return SFTExample(msgs(state), action, comp.comp_id, kind, score)
+
+    summary = data_summary(comp.public_dir, prompt_cfg)
+    valid = sorted((r for r in runs if r.score is not None), key=lambda r: r.score, reverse=comp.higher_is_better)
+    good = [r for r in valid if r.good] or valid[:1]
+    if not good:
+        return []  # nothing ran validly: no action worth imitating
+    fresh = AgentState.initial(comp.comp_id, max_steps=max_steps)
+    out = [example(fresh, format_action(Action("execute_code", r.script.code)), "initial", r.score) for r in good]
+    if max_steps < 2:
+        return out
+    # One submit per depth: a submit costs a whole prompt of compute for a three-token action.
+    out.append(example(good[0].state_after, format_action(Action("submit")), "submit", good[0].score))
+    two_step_submits = 0
+    improves = 0
+    for weak in runs:
+        targets = [g for g in good if g is not weak and (weak.score is None or better(g.score, weak.score))]
+        if not targets or improves == improve_per_comp:
+            continue
+        improves += 1
+        target = rng.choice(targets)
+        out.append(example(weak.state_after, format_action(Action("execute_code", target.script.code)),
+                           "improve", target.score))
+        if max_steps >= 3 and not two_step_submits:
+            two_step_submits += 1
+            # The two-step state is what MLEEnv would reach by running `weak` then `target`.
+            s = weak.state_after
+            two = dataclasses.replace(s, step=2, history=s.history + target.state_after.history,
+                                      best_score=target.score, best_code=target.script.code, best_step=1,
+                                      time_used_s=s.time_used_s + target.state_after.time_used_s)
+            out.append(example(two, format_action(Action("submit")), "submit", target.score))
+    return out
+
+
+def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, seed: int,
+                     prompt_cfg: PromptConfig, max_steps: int, improve_per_comp: int,
+                     exec_timeout_s: float = 60.0, workers: int = 2) -> list[SFTExample]:
+    """Run a diverse set of compact reference scripts per competition for real and build the pairs.
+
+    Args:
+      comps: training competitions (`ace.env.task.Competition`).
+      sandbox: runs the scripts (owned by the caller); grading happens outside it, in `MLEEnv`.
+      scripts_per_comp: scripts run per competition.
+      seed: picks the diverse subset and the improve targets.
+      prompt_cfg: prompt limits of every state (use the same in RL).
+      max_steps: episode length written into the states ("Steps left").
+      improve_per_comp: most improve pairs per competition (they have the longest prompts).
+      exec_timeout_s: limit of one script run.
+      workers: competitions run concurrently (threads; the sandbox runs subprocesses).
+    Returns:
+      examples of kinds "initial", "improve" and "submit", grouped by competition in `comps` order.
+    """
+    if not comps:
+        raise ValueError("build_sft_corpus needs at least one competition")
+    if scripts_per_comp < 1 or max_steps < 1 or workers < 1:
+        raise ValueError(f"scripts_per_comp={scripts_per_comp}, max_steps={max_steps}, workers={workers}: "
+                         "expected all >= 1")
+
+    seeds = [seed * 1_000_003 + zlib.crc32(c.comp_id.encode()) for c in comps]
+    # Scripts are rendered here, not in the workers: CPython 3.11's ast.parse is not thread-safe.
+    chosen = [select_diverse([compact_script(s, c) for s in reference_scripts(c)], scripts_per_comp, seed=s)
+              for c, s in zip(comps, seeds)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        runs = list(pool.map(lambda c, scripts: _run_competition(
+            c, sandbox, scripts, max_steps=max_steps, exec_timeout_s=exec_timeout_s, prompt_cfg=prompt_cfg),
+            comps, chosen))
+    return [ex for c, r, s in zip(comps, runs, seeds)
+            for ex in _examples_for(c, r, max_steps=max_steps, prompt_cfg=prompt_cfg,
+                                    improve_per_comp=improve_per_comp, rng=random.Random(s))]
+
+
+def _write_jsonl(path: Path, examples: Sequence[SFTExample]) -> None:
+    path.write_text("".join(json.dumps(dataclasses.asdict(e), sort_keys=True) + "\n" for e in examples))
+
+
+def _read_jsonl(path: Path) -> list[SFTExample]:
+    return [SFTExample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder into place; a concurrent identical build may win."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_build_corpus(cache_dir: str | Path, comps: Sequence[Any], sandbox, **kwargs) -> list[SFTExample]:
+    """`build_sft_corpus(comps, sandbox, **kwargs)` cached as `<cache_dir>/corpus.jsonl`.
+
+    The caller chooses `cache_dir` from a hash of everything the corpus depends on; a present file
+    is trusted and read back without running anything.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    path = cache_dir / "corpus.jsonl"
+    if path.is_file():
+        return _read_jsonl(path)
+    examples = build_sft_corpus(comps, sandbox, **kwargs)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".corpus.{time.time_ns()}.jsonl"
+    _write_jsonl(tmp, examples)
+    tmp.replace(path)
+    return examples
+
+
+def corpus_stats(examples: Sequence[SFTExample]) -> dict[str, Any]:
+    """Counts by kind and competition, and how many distinct scripts the actions hold."""
+    kinds = {k: sum(e.kind == k for e in examples) for k in EXAMPLE_KINDS}
+    comps = sorted({e.comp_id for e in examples})
+    scripts = {e.action for e in examples if e.kind != "submit"}
+    return {"examples": len(examples), **{f"examples_{k}": n for k, n in kinds.items()},
+            "competitions": len(comps), "distinct_scripts": len(scripts)}

@@ -1,0 +1,545 @@
+"""The AceGRPO loop: curriculum → rollouts → Evolving Data Buffer → queue → GRPO learner → weights.
+
+One learner step:
+  1. the learnability sampler draws N tasks from the TaskTable (initial states and the children
+     earlier steps produced);
+  2. each task gets a group of G rollouts from its state: one action (step-wise mode, the
+     step-wise RL of ML-Agent) or a whole episode;
+  3. the buffer updates the stats of the sampled tasks and inserts every executed step's resulting
+     state as a child task (unless the `no_buffer` ablation switches children off);
+  4. group-relative advantages (optionally duration-weighted) feed one GRPO update;
+  5. the learner publishes its weights as version step + 1.
+
+Asynchronous mode runs step 2 on the RolloutPool's worker threads, which draw tasks themselves and
+push whole groups to the bounded-staleness RolloutQueue while the learner trains. Synchronous mode
+(the `sync` ablation) draws the N tasks in the learner's thread, rolls them out with the current
+weights and seeds derived from the trainer's RNG, then trains: it is deterministic given the
+checkpointed state, which the resume test relies on.
+
+A checkpoint holds the learner state (params, optimizer, step, RNG), the TaskTable, the trainer's
+RNG key (arrays, via orbax) and the TaskStore plus counters (JSON metadata).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ace.curriculum import (ADDED, CurriculumConfig, TaskPayload, TaskStore, get_sampler, init_table, insert,
+                            learnability, make_rows, state_hash, update_stats)
+from ace.env.agent import AgentState, PromptConfig
+from ace.env.reward import RewardConfig
+from ace.models.checkpoint import Checkpointer
+from ace.models.configs import ModelConfig
+from ace.rl import duration_weights, group_advantages
+from ace.rollout.engine import SamplingParams
+from ace.train.episodes import run_lockstep
+from ace.train.learner import LearnerConfig, init_learner, jit_train_step, learner_logprobs, make_batch
+from ace.train.metrics import MetricsLogger, curriculum_metrics, group_metrics
+from ace.train.pool import RolloutPool
+from ace.train.queue import Group, QueueClosed, RolloutQueue, Sample
+
+EXECUTED = ("runtime_error", "invalid", "validated", "valid")
+POOL_STOP_TIMEOUT_S = 600.0
+SEQ_BUCKET = 512  # learner rows are padded to a multiple of this many tokens (few compiles)
+_MEDAL_ORDER = {None: 0, "bronze": 1, "silver": 2, "gold": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Everything the AceGRPO loop reads, validated at construction (Hydra keys in brackets).
+
+    steps, group_size (G), tasks_per_step (N), micro_batches, lr, warmup_steps, schedule,
+    weight_decay, max_grad_norm, advantage, loss_agg, eps_low, eps_high, kl_coef, kl_kind,
+    max_staleness, staleness_policy, tis_cap, duration_weighting, stepwise, checkpoint_every,
+    compute_dtype, exec_workers [train.*]; temperature, top_p, top_k, max_new_tokens,
+    max_prompt_tokens, workers [rollout.*]; max_steps, exec_timeout_s, instrument [env.*];
+    children, sync [ablation.*]; seed.
+    """
+
+    steps: int
+    group_size: int
+    tasks_per_step: int
+    lr: float
+    max_new_tokens: int
+    max_prompt_tokens: int
+    max_steps: int
+    micro_batches: int = 1
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    advantage: str = "grpo"
+    loss_agg: str = "seq_mean_token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    max_staleness: int = 2
+    staleness_policy: str = "drop"
+    tis_cap: float | None = None
+    duration_weighting: bool = False
+    stepwise: bool = True
+    checkpoint_every: int = 10
+    compute_dtype: str = "float32"
+    exec_workers: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    workers: int = 2
+    exec_timeout_s: float = 60.0
+    instrument: bool = True
+    children: bool = True
+    sync: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise ValueError(f"trainer config {name}={getattr(self, name)!r}: expected {expected}")
+
+        for name in ("steps", "group_size", "tasks_per_step", "max_new_tokens", "max_prompt_tokens", "max_steps",
+                     "micro_batches", "checkpoint_every", "exec_workers", "workers"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
+        need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no relative advantage)")
+        need(self.staleness_policy in ("drop", "reweight"), "staleness_policy", "'drop' or 'reweight'")
+        need(self.max_staleness >= 0, "max_staleness", ">= 0")
+        need(self.exec_timeout_s > 0, "exec_timeout_s", "> 0")
+        need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        # The learner's own checks (lr, clip ranges, aggregation, dtype) run here too.
+        self.learner_config()
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
+        """From the composed Hydra config (as a plain mapping): train.*, rollout.*, env.*, ablation.*, seed."""
+        train, rollout, env, ablation = (dict(cfg[k]) for k in ("train", "rollout", "env", "ablation"))
+        train.pop("competitions", None)  # read by the experiment (which competitions), not the loop
+        fields = {f.name for f in dataclasses.fields(cls)}
+        renamed = {"loss_agg": train.pop("loss_agg", "seq_mean_token_mean")}
+        kwargs = {k: v for k, v in train.items() if k in fields}
+        unknown = sorted(set(train) - fields)
+        if unknown:
+            raise ValueError(f"train config: unknown keys {unknown}; expected a subset of {sorted(fields)}")
+        kwargs.update(renamed)
+        kwargs.update({k: rollout[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens",
+                                               "max_prompt_tokens", "workers")})
+        kwargs.update({k: env[k] for k in ("max_steps", "exec_timeout_s", "instrument")})
+        kwargs.update(children=bool(ablation["children"]), sync=bool(ablation["sync"]), seed=int(cfg["seed"]))
+        return cls(**kwargs)
+
+    def learner_config(self) -> LearnerConfig:
+        return LearnerConfig(
+            lr=float(self.lr), warmup_steps=int(self.warmup_steps), schedule=self.schedule,
+            total_steps=max(int(self.steps), int(self.warmup_steps) + 1), weight_decay=float(self.weight_decay),
+            max_grad_norm=float(self.max_grad_norm), micro_batches=int(self.micro_batches),
+            eps_low=float(self.eps_low), eps_high=float(self.eps_high), agg=self.loss_agg,
+            tis_cap=self.tis_cap, kl_coef=float(self.kl_coef), kl_kind=self.kl_kind,
+            compute_dtype=self.compute_dtype)
+
+    @property
+    def actions_per_rollout(self) -> int:
+        return 1 if self.stepwise else self.max_steps
+
+    def sampling(self, stop_ids: Sequence[int]) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, stop_token_ids=tuple(stop_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRef:
+    """A task drawn from the table: its row at draw time, id, competition index, depth and state."""
+
+    row: int
+    task_id: int
+    comp_index: int
+    depth: int
+    state: AgentState | None  # None: the competition's initial state
+
+
+def _episode_outcome(steps) -> str:
+    outcomes = [s.outcome for s in steps]
+    return "valid" if "valid" in outcomes else outcomes[-1]
+
+
+def _episode_medal(steps) -> str | None:
+    medals = [s.grade.medal for s in steps if s.outcome == "valid" and s.grade is not None]
+    return max(medals, key=lambda m: _MEDAL_ORDER[m], default=None)
+
+
+def _improved(steps) -> bool:
+    """Learnability success: a valid submission that beats the task's own best so far."""
+    return any(s.outcome == "valid" and s.state_after.best_step == s.state_before.step for s in steps)
+
+
+class AceTrainer:
+    """Owns the curriculum, the learner state, the engine's weights, checkpoints and metrics.
+
+    Args:
+      cfg: the loop settings.
+      curriculum: sampler, potential and table settings.
+      params: initial policy params (the SFT result).
+      model_config: the policy's ModelConfig.
+      tokenizer: renders prompts and decodes actions; `eos_id` ends a generation.
+      comps: the training competitions (`ace.env.task.Competition`); index = competition id.
+      engine: the RolloutEngine, holding `params` as version 0 (the trainer publishes later ones).
+      env_factory: `env_factory(comp) -> env` for one rollout (an `ace.env.gym.MLEEnv` by default
+        in `make_env_factory`); the trainer closes it after use.
+      out_dir: metrics.jsonl, tb/ and checkpoints/ go here.
+      mesh: optional mesh for the learner step.
+      progress: show the console bar.
+    """
+
+    def __init__(self, cfg: TrainerConfig, curriculum: CurriculumConfig, *, params: Any, model_config: ModelConfig,
+                 tokenizer: Any, comps: Sequence[Any], engine: Any, env_factory: Callable[[Any], Any],
+                 out_dir: str | Path, mesh: jax.sharding.Mesh | None = None, progress: bool = True):
+        if not comps:
+            raise ValueError("AceTrainer needs at least one training competition")
+        if curriculum.capacity < len(comps):
+            raise ValueError(f"curriculum.capacity={curriculum.capacity} cannot hold the {len(comps)} initial tasks")
+        if cfg.tasks_per_step > len(comps):
+            raise ValueError(f"train.tasks_per_step={cfg.tasks_per_step} exceeds the {len(comps)} training "
+                             "competitions (the first draw is without replacement among initial states)")
+        self.cfg, self.curriculum = cfg, curriculum
+        self.model_config, self.tokenizer, self.comps = model_config, tokenizer, list(comps)
+        self.engine, self.env_factory, self.mesh = engine, env_factory, mesh
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        stop = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
+        self.sampling = cfg.sampling(stop)
+        self.sampler = get_sampler(curriculum.sampler)
+        self.lcfg = cfg.learner_config()
+        self._train_step = jit_train_step(self.lcfg, model_config, mesh)
+        self._old_logp = jax.jit(functools.partial(learner_logprobs, config=self.lcfg, model_config=model_config))
+        self._potential = jax.jit(functools.partial(
+            learnability, potential=curriculum.potential, optimistic_value=curriculum.optimistic_value))
+        self.rows_per_batch = self._round_up(cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout,
+                                             cfg.micro_batches)
+        self.seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
+        # At temperature 1 without truncation the engine's behaviour logprobs are the learner's own
+        # numbers (the sampler's contract, to ~1e-4), so the old-policy forward pass is skipped.
+        self._rollout_logp_is_learner_logp = (cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.top_k == 0)
+        self._lock = threading.Lock()  # the curriculum: task_source (workers) vs learner updates
+        key = jax.random.PRNGKey(cfg.seed)
+        learner_key, self.key = jax.random.split(key)
+        self.learner = init_learner(params, self.lcfg, learner_key)
+        self.table, self.store = self._initial_curriculum()
+        self.step = 0
+        self.version = int(engine.weight_version)
+
+    @staticmethod
+    def _round_up(x: int, m: int) -> int:
+        return -(-x // m) * m
+
+    # ------------------------------------------------------------------ curriculum
+    def _initial_curriculum(self):
+        table = init_table(self.curriculum.capacity)
+        store = TaskStore()
+        payloads = [TaskPayload(competition=c.comp_id) for c in self.comps]
+        rows = make_rows(-1, np.arange(len(self.comps)), 0, np.stack([state_hash(p.text()) for p in payloads]))
+        table, result = insert(table, rows, step=0, potential=self.curriculum.potential,
+                               optimistic_value=self.curriculum.optimistic_value)
+        store.apply_insert(result, payloads)
+        if int(np.sum(np.asarray(result.status) == ADDED)) != len(self.comps):
+            raise ValueError("two training competitions share one id; their initial tasks merged")
+        return table, store
+
+    def _draw(self, key: jax.Array, n: int) -> list[TaskRef]:
+        rows = np.asarray(self.sampler(key, self.table, n, step=jnp.int32(self.step),
+                                       **self.curriculum.sampler_kwargs()))
+        task_ids = np.asarray(self.table.task_id)[rows]
+        comp_ids = np.asarray(self.table.competition_id)[rows]
+        depths = np.asarray(self.table.depth)[rows]
+        out = []
+        for row, tid, cid, depth in zip(rows, task_ids, comp_ids, depths):
+            payload = self.store[int(tid)]
+            state = AgentState.from_json(payload.prefix) if payload.prefix else None
+            out.append(TaskRef(int(row), int(tid), int(cid), int(depth), state))
+        return out
+
+    def _apply_groups(self, groups: Sequence[Group], tasks: Mapping[int, TaskRef]) -> None:
+        """update_stats for the sampled tasks still in the table, then insert their children."""
+        task_ids = np.asarray(self.table.task_id)
+        valid = np.asarray(self.table.valid)
+        sampled_rows, rewards, success = [], [], []
+        for g in groups:
+            hit = np.flatnonzero(valid & (task_ids == g.task_id))
+            if hit.size:  # an in-flight task can be evicted before its group is back
+                sampled_rows.append(int(hit[0]))
+                rewards.append([s.reward for s in g.samples])
+                success.append([s.extra["success"] for s in g.samples])
+        if sampled_rows:
+            self.table = update_stats(self.table, np.asarray(sampled_rows, np.int32), np.asarray(rewards, np.float32),
+                                      np.asarray(success, bool), int(self.step))
+        if not self.cfg.children:
+            return
+        cands: list[tuple[TaskRef, int, AgentState]] = []
+        for g in groups:
+            task = tasks[id(g)]
+            for s in g.samples:
+                for offset, state in s.extra["children"]:
+                    cands.append((task, task.depth + offset, state))
+        if not cands:
+            return
+        max_children = self.cfg.tasks_per_step * self.cfg.group_size * self.cfg.actions_per_rollout
+        cands = cands[:max_children]
+        payloads = [TaskPayload(competition=self.comps[t.comp_index].comp_id, prefix=st.to_json(),
+                                best_code=st.best_code, best_score=st.best_score) for t, _, st in cands]
+        # The hash ignores wall-clock times (state_key), so equal histories merge into one task.
+        hashes = np.stack([state_hash(f"{p.competition}\x00{st.state_key()}") for p, (_, _, st) in zip(payloads, cands)])
+        rows = make_rows([t.task_id for t, _, _ in cands], [t.comp_index for t, _, _ in cands],
+                         [d for _, d, _ in cands], hashes, pad_to=max_children)
+        # The tasks just rolled out keep their fresh stats: their rows are never evicted here.
+        protected = np.full(self.cfg.tasks_per_step, -1, np.int32)
+        kept = sampled_rows[:self.cfg.tasks_per_step]
+        protected[:len(kept)] = kept
+        self.table, result = insert(self.table, rows, step=int(self.step), protected=protected,
+                                    potential=self.curriculum.potential,
+                                    optimistic_value=self.curriculum.optimistic_value,
+                                    max_depth=self.curriculum.max_depth)
+        self.store.apply_insert(result, payloads + [None] * (max_children - len(payloads)))
+
+    # ------------------------------------------------------------------ rollouts
+    def rollout_group(self, engine: Any, task: TaskRef, seed: int) -> Group:
+        """G rollouts of `task` (one action each in step-wise mode, else whole episodes) as a Group.
+
+        Each sample's `extra` holds `turns` (prompt ids, output ids, logprobs per action),
+        `outcome`, `medal`, `success` and `children` ((depth offset, state) of every executed,
+        non-final step).
+        """
+        cfg = self.cfg
+        comp = self.comps[task.comp_index]
+        envs = [self.env_factory(comp) for _ in range(cfg.group_size)]
+        try:
+            episodes = run_lockstep(envs, [task.state] * cfg.group_size, engine, self.tokenizer,
+                                    sampling=self.sampling, seeds=[seed * cfg.group_size + g for g in range(cfg.group_size)],
+                                    max_prompt_tokens=cfg.max_prompt_tokens,
+                                    max_actions=1 if cfg.stepwise else None, exec_workers=cfg.exec_workers,
+                                    grade_final=False)
+        finally:
+            for env in envs:
+                env.close()
+        samples = []
+        for ep in episodes:
+            if not ep.steps:
+                raise RuntimeError(f"task {task.task_id} ({comp.comp_id}) started from a finished state")
+            steps = ep.steps
+            children = [(i + 1, s.state_after) for i, s in enumerate(steps)
+                        if s.outcome in EXECUTED and not s.state_after.done]
+            samples.append(Sample(
+                task_id=task.task_id, prompt_ids=steps[0].prompt_ids, output_ids=steps[0].output_ids,
+                rollout_logprobs=steps[0].logprobs, reward=float(sum(s.reward for s in steps)),
+                duration_s=float(sum(s.duration_s for s in steps)),
+                policy_version=min(s.weight_version for s in steps),
+                extra={"turns": [(s.prompt_ids, s.output_ids, s.logprobs) for s in steps],
+                       "outcome": _episode_outcome(steps), "medal": _episode_medal(steps),
+                       "success": _improved(steps), "children": children}))
+        return Group(task_id=task.task_id, group_size=cfg.group_size, samples=samples)
+
+    # ------------------------------------------------------------------ learning
+    def _learn(self, groups: Sequence[Group], group_weights: np.ndarray, stale: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        rewards = np.asarray([[s.reward for s in g.samples] for g in groups], np.float32)
+        adv = np.asarray(group_advantages(rewards, cfg.group_size, mode=cfg.advantage).advantages)
+        if cfg.duration_weighting:
+            dur = np.asarray(duration_weights(np.asarray([s.duration_s for g in groups for s in g.samples]),
+                                              normalize="batch_mean")).reshape(rewards.shape)
+        else:
+            dur = np.ones_like(rewards)
+        rows, row_adv, row_w = [], [], []
+        for i, g in enumerate(groups):
+            for j, s in enumerate(g.samples):
+                turns = s.extra["turns"]
+                for prompt, output, logp in turns:
+                    rows.append(Sample(task_id=g.task_id, prompt_ids=prompt, output_ids=output, rollout_logprobs=logp,
+                                       reward=s.reward, duration_s=s.duration_s, policy_version=s.policy_version))
+                    row_adv.append(adv[i, j])
+                    # Every turn of an episode shares its advantage; together they weigh as one sample.
+                    row_w.append(dur[i, j] * group_weights[i] / len(turns))
+        if len(rows) > self.rows_per_batch:
+            raise RuntimeError(f"{len(rows)} learner rows exceed the fixed batch of {self.rows_per_batch}")
+        pad = self.rows_per_batch - len(rows)
+        filler = Sample(task_id=-1, prompt_ids=[0], output_ids=[], rollout_logprobs=[], reward=0.0, duration_s=0.0,
+                        policy_version=0)
+        # Rows are padded to the longest one rounded up to a bucket, not to the longest possible
+        # row: attention cost grows with T^2, and a few buckets compile only a few step variants.
+        longest = max(len(r.prompt_ids) + len(r.output_ids) for r in rows)
+        pad_to = min(self.seq_len, self._round_up(longest, SEQ_BUCKET))
+        batch = make_batch(rows + [filler] * pad, np.asarray(row_adv + [0.0] * pad, np.float32), pad_to=pad_to,
+                           sample_weights=np.asarray(row_w + [0.0] * pad, np.float32))
+        if not self._rollout_logp_is_learner_logp:
+            batch = batch.replace(old_logp=self._old_logp(self.learner.params, batch))
+        self.learner, metrics = self._train_step(self.learner, batch)
+        out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        out["learner_rows"] = float(len(rows))
+        out["stale_groups"] = float(np.sum(stale))
+        return out
+
+    def _policy_params(self) -> Any:
+        """The learner's float32 masters in the model's own dtype, as the rollout engine holds them."""
+        dtype = self.model_config.param_dtype
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                            self.learner.params)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_state(self) -> dict:
+        return {"learner": self.learner, "table": self.table, "key": self.key}
+
+    def save(self, ckpt: Checkpointer) -> None:
+        ckpt.save(self.step, self._ckpt_state(), metadata={
+            "step": self.step, "version": self.version, "store": self.store.state_dict()})
+        ckpt.wait()
+
+    def restore(self, ckpt: Checkpointer) -> bool:
+        """Loads the latest checkpoint if there is one; returns whether it did."""
+        if ckpt.latest_step() is None:
+            return False
+        target = jax.tree.map(lambda x: x.sharding, self._ckpt_state())
+        state, meta = ckpt.restore(target_shardings=target)
+        self.learner, self.table, self.key = state["learner"], state["table"], state["key"]
+        self.store = TaskStore.from_state_dict(meta["store"])
+        self.store.check_consistent(self.table)
+        self.step, self.version = int(meta["step"]), int(meta["version"])
+        if self.version > self.engine.weight_version:
+            self.engine.update_weights(self._policy_params(), self.version)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Trains until `cfg.steps` learner steps are done; returns this call's per-step metrics.
+
+        Args:
+          resume: continue from the latest checkpoint under out_dir/checkpoints, if any.
+          stop_after: return after this many steps of this call (simulates a killed run in tests).
+        """
+        ckpt = Checkpointer(self.out_dir / "checkpoints", max_to_keep=2)
+        try:
+            if resume:
+                self.restore(ckpt)
+            if self.step >= self.cfg.steps:
+                return []
+            with MetricsLogger(self.out_dir, total_steps=self.cfg.steps, start_step=self.step,
+                               progress=self.progress) as logger:
+                loop = self._run_sync if self.cfg.sync else self._run_async
+                return loop(ckpt, logger, stop_after)
+        finally:
+            ckpt.close()
+
+    def _after_step(self, ckpt: Checkpointer, logger: MetricsLogger, metrics: dict, t_step: float,
+                    tasks: Sequence[TaskRef]) -> dict:
+        self.step += 1
+        self.version += 1
+        metrics.update(curriculum_metrics(self.table, np.asarray(self._potential(self.table, step=self.step)),
+                                          np.asarray([t.row for t in tasks]), max_depth=self.curriculum.max_depth))
+        metrics["step_time_s"] = time.perf_counter() - t_step
+        metrics["version"] = float(self.version)
+        logger.log(self.step, metrics)
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            self.save(ckpt)
+        return metrics
+
+    def _group_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
+        rewards = np.asarray([[s.reward for s in g.samples] for g in groups])
+        out = group_metrics(rewards, [[s.extra["outcome"] for s in g.samples] for g in groups],
+                            [[s.extra["medal"] for s in g.samples] for g in groups],
+                            np.asarray([[s.extra["success"] for s in g.samples] for g in groups]))
+        out["rollout_tokens"] = float(sum(len(t[1]) for g in groups for s in g.samples for t in s.extra["turns"]))
+        return out
+
+    def _run_sync(self, ckpt: Checkpointer, logger: MetricsLogger, stop_after: int | None) -> list[dict]:
+        history = []
+        while self.step < self.cfg.steps and (stop_after is None or len(history) < stop_after):
+            t0 = time.perf_counter()
+            self.key, k_draw, k_seed = jax.random.split(self.key, 3)
+            tasks = self._draw(k_draw, self.cfg.tasks_per_step)
+            seeds = np.asarray(jax.random.randint(k_seed, (len(tasks),), 0, 2 ** 20))
+            groups = [self.rollout_group(self.engine, t, int(s)) for t, s in zip(tasks, seeds)]
+            t_roll = time.perf_counter() - t0
+            self._apply_groups(groups, {id(g): t for g, t in zip(groups, tasks)})
+            metrics = self._group_metrics(groups)
+            t1 = time.perf_counter()
+            metrics.update(self._learn(groups, np.ones(len(groups), np.float32), np.zeros(len(groups), bool)))
+            self.engine.update_weights(self._policy_params(), self.version + 1)
+            t_learn = time.perf_counter() - t1
+            metrics.update(rollout_time_s=t_roll, learner_time_s=t_learn, staleness_mean=0.0,
+                           learner_idle_fraction=t_roll / max(t_roll + t_learn, 1e-9),
+                           tokens_per_s=metrics["rollout_tokens"] / max(t_roll, 1e-9))
+            history.append(self._after_step(ckpt, logger, metrics, t0, tasks))
+        return history
+
+    def _run_async(self, ckpt: Checkpointer, logger: MetricsLogger, stop_after: int | None) -> list[dict]:
+        cfg = self.cfg
+        queue = RolloutQueue(max(2 * cfg.tasks_per_step, cfg.workers), max_staleness=cfg.max_staleness,
+                             policy=cfg.staleness_policy)
+        drawn: dict[int, TaskRef] = {}  # id(group) -> task, filled by the workers
+        draw_count = [0]
+
+        def task_source():
+            with self._lock:
+                self.key, k = jax.random.split(self.key)
+                draw_count[0] += 1
+                return self._draw(k, 1)[0], draw_count[0]
+
+        def rollout_fn(engine, item):
+            task, n = item
+            group = self.rollout_group(engine, task, self.step * 10_000 + n)
+            drawn[id(group)] = task
+            return group
+
+        history = []
+        pool = RolloutPool(self.engine, task_source, rollout_fn, queue, workers=cfg.workers)
+        pool.version = self.version
+        t_prev = time.perf_counter()
+        pool.start()
+        try:
+            while self.step < cfg.steps and (stop_after is None or len(history) < stop_after):
+                t0 = time.perf_counter()
+                try:
+                    batch = queue.get_batch(cfg.tasks_per_step, current_version=self.version)
+                except QueueClosed:
+                    pool.check()  # a failed worker closed the queue: report its error instead
+                    raise
+                t_wait = time.perf_counter() - t0
+                tasks = {id(g): drawn.pop(id(g)) for g in batch.groups}
+                with self._lock:
+                    self._apply_groups(batch.groups, tasks)
+                metrics = self._group_metrics(batch.groups)
+                t1 = time.perf_counter()
+                metrics.update(self._learn(batch.groups, np.asarray(batch.staleness_weight), np.asarray(batch.is_stale)))
+                pool.publish(self._policy_params(), self.version + 1)
+                qm = queue.metrics()
+                metrics.update(learner_time_s=time.perf_counter() - t1, learner_wait_s=t_wait,
+                               staleness_mean=float(np.mean(batch.staleness)),
+                               dropped_stale=qm["dropped_stale"], learner_idle_fraction=qm["learner_idle_fraction"],
+                               tokens_per_s=metrics["rollout_tokens"] / max(time.perf_counter() - t_prev, 1e-9))
+                t_prev = time.perf_counter()
+                with self._lock:
+                    history.append(self._after_step(ckpt, logger, metrics, t0, list(tasks.values())))
+        except BaseException:
+            # The error in flight is the one to report; a worker failure it caused would mask it.
+            try:
+                pool.stop(timeout=POOL_STOP_TIMEOUT_S)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        # Each worker finishes the group it is rolling out; on a loaded CPU that can take a while.
+        pool.stop(timeout=POOL_STOP_TIMEOUT_S)
+        return history
+
+
+def make_env_factory(sandbox: Any, *, reward_cfg: RewardConfig, max_steps: int, exec_timeout_s: float,
+                     instrument: bool, prompt_cfg: PromptConfig = PromptConfig()) -> Callable[[Any], Any]:
+    """`comp -> MLEEnv` with the run's sandbox and reward; every env shares the caller's sandbox."""
+    from ace.env.gym import MLEEnv
+
+    def factory(comp):
+        return MLEEnv(comp, sandbox, reward_cfg=reward_cfg, max_steps=max_steps, exec_timeout_s=exec_timeout_s,
+                      instrument=instrument, prompt_cfg=prompt_cfg)
+    return factory

@@ -1,0 +1,241 @@
+"""The AceGRPO loop on a toy environment: exact resume, buffer switches, batch math, async mode, metrics.
+
+The toy environment is deterministic and cheap (no sandbox): an action's reward is the fraction of
+'a' characters in the model's text, so a random tiny policy gets varied rewards and GRPO has signal.
+"""
+import dataclasses
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from ace.curriculum import CurriculumConfig
+from ace.env.agent import AgentState, StepRecord
+from ace.env.gym import StepOutcome
+from ace.models import init_params
+from ace.models.configs import TINY_DENSE
+from ace.models.tokenizer import train_tiny_tokenizer
+from ace.rollout.jax_sampler import JaxSampler
+from ace.train.metrics import curriculum_metrics, group_metrics, plot_training, read_jsonl
+from ace.train.trainer import AceTrainer, TrainerConfig
+
+MODEL = TINY_DENSE.replace(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                           intermediate_size=64, max_position_embeddings=128)
+PROMPT_TOKENS, NEW_TOKENS = 48, 8
+COMPS = [types.SimpleNamespace(comp_id=f"toy-{i}") for i in range(3)]
+
+
+class ToyEnv:
+    """MLEEnv's interface with a text reward: the fraction of 'a' in the action; >= 0.2 is 'valid'."""
+
+    def __init__(self, comp, max_steps=2):
+        self.comp, self.max_steps, self.state = comp, max_steps, None
+
+    def reset(self, state=None):
+        self.state = state or AgentState.initial(self.comp.comp_id, max_steps=self.max_steps)
+
+    def messages(self, count_tokens=None, max_prompt_tokens=None):
+        return [{"role": "user", "content": f"{self.comp.comp_id} step {self.state.step} a b"}]
+
+    def step(self, text):
+        frac = text.count("a") / max(len(text), 1)
+        valid = frac >= 0.2
+        rec = StepRecord("execute_code", text, valid=valid, score=frac if valid else None,
+                         duration_s=1.0 + len(text))  # a text-determined "execution time"
+        better = valid and (self.state.best_score is None or frac > self.state.best_score)
+        best = dict(best_score=frac, best_code=text, best_step=self.state.step) if better else {}
+        after = dataclasses.replace(self.state, step=self.state.step + 1, history=self.state.history + (rec,), **best)
+        self.state = after
+        grade = types.SimpleNamespace(medal="bronze" if frac >= 0.5 else None, valid=valid, score=frac)
+        return StepOutcome(state_after=after, observation="", reward=frac, done=after.done,
+                           grade=grade if valid else None, exec=None, duration_s=rec.duration_s, milestones=frozenset(),
+                           outcome="valid" if valid else "runtime_error")
+
+    def final_grade(self):
+        return None
+
+    best_grade = None
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tiny_tokenizer(["toy-0 step 0 a b aaaa bbb abab"] * 4, 300)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(MODEL, jax.random.key(0))
+
+
+def _cfg(**kw):
+    base = dict(steps=3, group_size=4, tasks_per_step=2, lr=3e-3, max_new_tokens=NEW_TOKENS,
+                max_prompt_tokens=PROMPT_TOKENS, max_steps=2, sync=True, checkpoint_every=1, stepwise=True,
+                warmup_steps=0, schedule="constant", workers=2, exec_workers=1)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+CURRICULUM = CurriculumConfig(sampler="learnability", potential="success_variance", temperature=0.1,
+                              uniform_mix=0.1, optimistic_value=0.25, capacity=32, max_depth=3)
+
+
+def _trainer(cfg, params, tokenizer, out_dir, curriculum=CURRICULUM):
+    engine = JaxSampler(params, MODEL, max_batch=cfg.group_size, max_prompt_len=PROMPT_TOKENS,
+                        max_new_tokens=NEW_TOKENS, prompt_buckets=(), seed=0)
+    return AceTrainer(cfg, curriculum, params=params, model_config=MODEL, tokenizer=tokenizer, comps=COMPS,
+                      engine=engine, env_factory=ToyEnv, out_dir=out_dir, progress=False)
+
+
+DETERMINISTIC_KEYS = ("reward_mean", "reward_std", "valid_rate", "loss", "pg_loss", "grad_norm", "table_size",
+                      "lp_mean", "learner_rows", "rollout_tokens")
+
+
+def test_resumed_run_next_step_equals_uninterrupted_run(tmp_path, params, tokenizer):
+    cfg = _cfg(steps=2)
+    full = _trainer(cfg, params, tokenizer, tmp_path / "full")
+    full_history = full.run()
+    assert len(full_history) == 2
+    killed = _trainer(cfg, params, tokenizer, tmp_path / "killed")
+    assert len(killed.run(stop_after=1)) == 1  # the process "dies" right after the step-1 checkpoint
+    resumed = _trainer(cfg, params, tokenizer, tmp_path / "killed")
+    resumed_history = resumed.run(resume=True)
+    assert len(resumed_history) == 1 and resumed.step == 2
+    for key in DETERMINISTIC_KEYS:
+        assert resumed_history[0][key] == pytest.approx(full_history[1][key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(full.learner.params), jax.tree.leaves(resumed.learner.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(full.learner.opt_state), jax.tree.leaves(resumed.learner.opt_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.asarray(full.table.task_id), np.asarray(resumed.table.task_id))
+    np.testing.assert_allclose(np.asarray(full.table.reward_mean), np.asarray(resumed.table.reward_mean), rtol=1e-6)
+    assert full.store.state_dict() == resumed.store.state_dict()
+    assert np.array_equal(np.asarray(full.key), np.asarray(resumed.key))
+    # The resumed run appends to the killed run's metrics file: steps 1..2 exactly once.
+    assert [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")] == [1, 2]
+
+
+def test_one_step_batch_math_children_and_the_no_buffer_switch(tmp_path, params, tokenizer):
+    trainer = _trainer(_cfg(steps=1, duration_weighting=True, advantage="grpo"), params, tokenizer, tmp_path / "a")
+    seen, captured = {}, []
+    step, rollout = trainer._train_step, trainer.rollout_group
+
+    def spy_step(state, batch):
+        seen["batch"] = batch
+        return step(state, batch)
+
+    def spy_rollout(engine, task, seed):
+        captured.append((rollout(engine, task, seed), task))
+        return captured[-1][0]
+
+    trainer._train_step, trainer.rollout_group = spy_step, spy_rollout
+    history = trainer.run()
+    groups = [g for g, _ in captured]
+
+    # GRPO advantages and duration weights against NumPy formulas.
+    batch = seen["batch"]
+    rewards = np.asarray([[s.reward for s in g.samples] for g in groups], np.float64)
+    durations = np.asarray([[s.duration_s for s in g.samples] for g in groups], np.float64)
+    centred = rewards - rewards.mean(1, keepdims=True)
+    std = rewards.std(1, ddof=1, keepdims=True)
+    expected_adv = np.where(std > 0, centred / np.where(std > 0, std + 1e-6, 1.0), 0.0).ravel()
+    n = rewards.size
+    np.testing.assert_allclose(np.asarray(batch.advantages)[:n], expected_adv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch.sample_weights)[:n], (durations / durations.mean()).ravel(),
+                               rtol=1e-5)
+    # Step-wise mode: one row per rollout, padded to the fixed N*G rows with zero weight.
+    assert batch.tokens.shape == (trainer.rows_per_batch, PROMPT_TOKENS + NEW_TOKENS)
+    assert np.all(np.asarray(batch.sample_weights)[n:] == 0)
+
+    # Each rollout executed one step from a root (max_steps=2, so not final): every distinct
+    # resulting state is a depth-1 child of the root it came from.
+    table = trainer.table
+    live = np.asarray(table.valid)
+    depths, parents = np.asarray(table.depth)[live], np.asarray(table.parent_id)[live]
+    distinct = {s.extra["children"][0][1].state_key() for g in groups for s in g.samples}
+    assert history[0]["table_size"] == live.sum() == len(COMPS) + len(distinct)
+    assert set(depths) == {0, 1}
+    assert set(parents[depths == 1]) == {t.task_id for _, t in captured}
+    trainer.store.check_consistent(table)
+    visits = np.asarray(table.visits)[live][depths == 0]
+    assert sorted(visits) == sorted([0] * (len(COMPS) - len(groups)) + [trainer.cfg.group_size] * len(groups))
+
+    # The same groups leave the table alone under the no_buffer ablation (stats still update).
+    no_buffer = _trainer(_cfg(steps=1, children=False), params, tokenizer, tmp_path / "b")
+    no_buffer._apply_groups(groups, {id(g): t for g, t in captured})
+    assert int(np.asarray(no_buffer.table.valid).sum()) == len(COMPS)
+    assert int(np.asarray(no_buffer.table.visits).sum()) == trainer.cfg.group_size * len(groups)
+
+
+def test_episode_mode_trains_on_every_turn_and_async_mode_runs(tmp_path, params, tokenizer):
+    cfg = _cfg(steps=2, stepwise=False, sync=False, children=False)
+    trainer = _trainer(cfg, params, tokenizer, tmp_path,
+                       curriculum=dataclasses.replace(CURRICULUM, sampler="uniform", uniform_mix=1.0))
+    history = trainer.run()
+    assert len(history) == 2 and trainer.version == 2
+    for m in history:
+        # Whole episodes from initial states (no children) of max_steps=2 actions: 2 rows per rollout.
+        assert m["learner_rows"] == cfg.tasks_per_step * cfg.group_size * 2
+        assert 0.0 <= m["learner_idle_fraction"] <= 1.0
+        assert m["staleness_mean"] >= 0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    for key in ("reward_mean", "reward_std", "valid_rate", "medal_rate", "table_size", "depth_0", "lp_mean",
+                "staleness_mean", "learner_idle_fraction", "tokens_per_s", "step_time_s"):
+        assert key in records[-1], key
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_loop_raises_the_toy_reward(tmp_path, params, tokenizer):
+    """Sampler, curriculum, buffer and learner together: GRPO must learn to write 'a's."""
+    trainer = _trainer(_cfg(steps=30, group_size=8, lr=1e-2, checkpoint_every=100), params, tokenizer, tmp_path)
+    rewards = [m["reward_mean"] for m in trainer.run()]
+    # A random policy writes ~5% 'a'; the trained one must clearly prefer tokens made of 'a's.
+    assert np.mean(rewards[-5:]) >= np.mean(rewards[:5]) + 0.3, rewards
+
+
+def test_trainer_config_rejects_bad_values_with_their_names():
+    with pytest.raises(ValueError, match="group_size"):
+        _cfg(group_size=1)
+    with pytest.raises(ValueError, match="staleness_policy"):
+        _cfg(staleness_policy="keep")
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainerConfig.from_cfg({"train": {"bogus": 1}, "rollout": {}, "env": {}, "ablation": {}, "seed": 0})
+
+
+def test_group_metrics_match_numpy():
+    rewards = np.array([[1.0, 0.0, 0.5], [0.2, 0.2, 0.2]])
+    outcomes = [["valid", "runtime_error", "valid"], ["invalid"] * 3]
+    medals = [["gold", None, None], [None] * 3]
+    m = group_metrics(rewards, outcomes, medals, np.array([[1, 0, 1], [0, 0, 0]], bool))
+    assert m["reward_mean"] == pytest.approx(rewards.mean())
+    assert m["reward_std"] == pytest.approx(rewards.std())
+    assert m["zero_variance_frac"] == 0.5
+    assert m["valid_rate"] == pytest.approx(2 / 6) and m["medal_rate"] == pytest.approx(1 / 6)
+    assert m["outcome_invalid"] == pytest.approx(0.5)
+
+
+def test_curriculum_metrics_depth_histogram_matches_brute_force():
+    rng = np.random.default_rng(0)
+    valid = rng.random(20) < 0.7
+    depth = rng.integers(0, 6, 20)
+    table = types.SimpleNamespace(valid=valid, depth=depth, visits=rng.integers(0, 3, 20))
+    lp = rng.random(20)
+    m = curriculum_metrics(table, lp, np.array([0, 3]), max_depth=4)
+    for d in range(5):
+        expected = sum(1 for v, x in zip(valid, depth) if v and min(x, 4) == d)
+        assert m[f"depth_{d}"] == expected
+    assert m["table_size"] == valid.sum()
+    assert m["lp_mean"] == pytest.approx(lp[valid].mean())
+    assert m["lp_sampled_mean"] == pytest.approx(lp[[0, 3]].mean())
+
+
+def test_plot_training_writes_a_png(tmp_path):
+    records = [{"step": i, "reward_mean": -1 + i / 10, "valid_rate": i / 20, "table_size": 3 + i, "lp_mean": 0.1}
+               for i in range(1, 11)]
+    out = plot_training(records, {"valid_rate": 0.1}, {"valid_rate": 0.3}, tmp_path / "f.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(records)
