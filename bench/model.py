@@ -9,22 +9,12 @@ Usage: python bench/model.py [--config tiny] [--batch 8] [--length 256] [--reps 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: compile / first-call allocation
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # bench/timing.py, beside this script
 
 
 def bench_train_step(config, params, tokens, positions, reps: int) -> float:
@@ -38,14 +28,14 @@ def bench_train_step(config, params, tokens, positions, reps: int) -> float:
         return -jnp.mean(logp) + config.router_aux_loss_coef * aux.aux_loss
 
     step = jax.jit(jax.value_and_grad(loss))
-    return _median_seconds(lambda: jax.block_until_ready(step(params)), reps)
+    return median_seconds(lambda: jax.block_until_ready(step(params)), reps)
 
 
 def bench_forward_ace(config, params, tokens, positions, reps: int) -> float:
     from ace.models import forward
 
     fwd = jax.jit(lambda p, t, pos: forward(p, config, t, pos)[0])
-    return _median_seconds(lambda: jax.block_until_ready(fwd(params, tokens, positions)), reps)
+    return median_seconds(lambda: jax.block_until_ready(fwd(params, tokens, positions)), reps)
 
 
 def bench_forward_torch(config, tokens: np.ndarray, reps: int) -> float:
@@ -62,7 +52,7 @@ def bench_forward_torch(config, tokens: np.ndarray, reps: int) -> float:
         with torch.no_grad():
             model(ids, use_cache=False)
 
-    return _median_seconds(run, reps)
+    return median_seconds(run, reps)
 
 
 def main() -> None:

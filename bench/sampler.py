@@ -10,21 +10,11 @@ Usage: python bench/sampler.py [--config tiny-dense] [--batch 8] [--prompt-len 3
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
 
-
-def _median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: compile / first-call allocation
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # bench/timing.py, beside this script
 
 
 def jax_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
@@ -41,7 +31,7 @@ def jax_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> floa
         gens = sampler.generate(prompts.tolist(), requests)
         assert all(len(g.output_ids) == new_tokens for g in gens)
 
-    return _median_seconds(run, reps)
+    return median_seconds(run, reps)
 
 
 def torch_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
@@ -62,7 +52,7 @@ def torch_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> fl
                                  min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
         assert out.shape == (prompts.shape[0], prompts.shape[1] + new_tokens)
 
-    return _median_seconds(run, reps)
+    return median_seconds(run, reps)
 
 
 def main():

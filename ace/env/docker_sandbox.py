@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ace.env.sandbox import (
-    SCRIPT_NAME, ExecResult, SandboxError, SandboxLimits, Workspace, interpreter_roots, sandbox_env,
+    ExecResult, SandboxError, SandboxLimits, Workspace, interpreter_roots, sandbox_env, stage_script,
 )
 from ace.env.sandbox_guards import (
     UID_BASE, UID_SPAN, BoundedOutput, classify_exit, remove_escaping_symlinks, tree_size,
@@ -151,15 +151,8 @@ class DockerSandbox:
     # -- execution
     def run(self, workspace: Workspace, code: str, *, timeout_s: float | None = None) -> ExecResult:
         """Runs ``code`` as ``python script.py`` in the container, cwd = workspace root, as its uid."""
-        if workspace.root not in self._workspaces:
-            raise ValueError(f"workspace {workspace.root} was not created by this sandbox (or was destroyed)")
-        timeout = self.limits.wall_time_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
-        uid = workspace.root.stat().st_uid
-        script = workspace.root / SCRIPT_NAME
-        script.write_text(code)
-        os.chown(script, uid, uid)
+        timeout, uid, script = stage_script(workspace, code, timeout_s, known=self._workspaces,
+                                            default_timeout_s=self.limits.wall_time_s)
         api = self.client.api
         start = time.monotonic()
         exec_id = api.exec_create(self.container.id, [self.python, str(script)], user=f"{uid}:{uid}",

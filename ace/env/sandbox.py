@@ -52,6 +52,24 @@ from ace.env.sandbox_guards import (
 )
 
 SCRIPT_NAME = "script.py"
+
+
+def stage_script(workspace: Workspace, code: str, timeout_s: float | None, *, known,
+                 default_timeout_s: float) -> tuple[float, int, Path]:
+    """Checks a run's arguments and writes `code` as the workspace's script, owned by its uid.
+
+    Shared by both backends. Returns (timeout in seconds, the workspace's uid, the script path).
+    """
+    if workspace.root not in known:
+        raise ValueError(f"workspace {workspace.root} was not created by this sandbox (or was destroyed)")
+    timeout = default_timeout_s if timeout_s is None else timeout_s
+    if timeout <= 0:
+        raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
+    uid = workspace.root.stat().st_uid
+    script = workspace.root / SCRIPT_NAME
+    script.write_text(code)
+    os.chown(script, uid, uid)
+    return timeout, uid, script
 # A program that prints more than this many times max_output_bytes is killed: the bound keeps the
 # reader's CPU from being spent draining gigabytes that would be thrown away.
 _OUTPUT_KILL_FACTOR = 1000
@@ -339,15 +357,8 @@ class SubprocessSandbox:
     # -- execution
     def run(self, workspace: Workspace, code: str, *, timeout_s: float | None = None) -> ExecResult:
         """Runs ``code`` as ``python script.py`` with cwd = workspace root, under the sandbox's limits."""
-        if workspace.root not in self._workspaces:
-            raise ValueError(f"workspace {workspace.root} was not created by this sandbox (or was destroyed)")
-        timeout = self.limits.wall_time_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
-        uid = workspace.root.stat().st_uid
-        script = workspace.root / SCRIPT_NAME
-        script.write_text(code)
-        os.chown(script, uid, uid)
+        timeout, uid, script = stage_script(workspace, code, timeout_s, known=self._workspaces,
+                                            default_timeout_s=self.limits.wall_time_s)
         if self.isolation == "namespaces":
             result = self._run_namespaced(workspace, script, uid, timeout)
         else:
