@@ -1,13 +1,15 @@
 """Does AceGRPO learn, and what do its curriculum parts buy? The tiny experiment with several seeds.
 
-    python bench/learning.py [--steps 8] [--seeds 0 1 2] [--variants AceGRPO no_buffer uniform_sampling]
+    python bench/learning.py [--steps 24] [--seeds 0 1 2] [--sft-seed 0] [--variants AceGRPO no_buffer uniform_sampling]
 
 Runs the main job (`ace.train.experiment.run_experiment`: SFT, held-out evaluation, AceGRPO,
 held-out evaluation) once per (variant, seed) and prints, per variant, the held-out any-medal rate
 and mean episode reward after RL (and before, with the change) as mean ± standard error over the
-training seeds. The default budget is short (`--steps`, learner steps per run, default 8, against
-the main job's 40) so that the bench finishes in reasonable time on a CPU; it says so in its output.
-Extra Hydra overrides pass through `--override key=value` (repeatable).
+training seeds. Every run starts from one SFT policy (`--sft-seed`, trained once and cached), so
+the seeds vary the RL rollouts and updates only; `--sft-seed -1` gives each seed its own SFT run.
+The default budget (`--steps`, learner steps per run) is shorter than the main job's so that the
+bench finishes in reasonable time on a CPU; it says so in its output. Extra Hydra overrides pass
+through `--override key=value` (repeatable).
 """
 from __future__ import annotations
 
@@ -43,8 +45,11 @@ def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Sequence[str] = (),
+                sft_seed: int | None = None) -> dict[str, Any]:
     """One main-job run of `variant` with training seed `seed` and `steps` learner steps.
+
+    `sft_seed` fixes the seed of stage 1 (None = `seed`), so that runs share one cached SFT policy.
 
     Returns:
       run_experiment's result: {"before", "after": {metric: MeanSE}, "learned", "metrics_path", ...}.
@@ -56,7 +61,7 @@ def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Se
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     overrides = [*VARIANTS[variant], f"seed={seed}", f"train.steps={steps}", f"out_dir={out_dir}",
-                 "progress=false", *extra]
+                 "progress=false", *([] if sft_seed is None else [f"sft.seed={sft_seed}"]), *extra]
     return run_experiment(compose_config(overrides))
 
 
@@ -92,15 +97,20 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="AceGRPO learner steps per run (main job: 40)")
+    main_steps = compose_config([])["train"]["steps"]
+    parser.add_argument("--steps", type=int, default=24, help=f"AceGRPO learner steps per run (main job: {main_steps})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_learning",
                         help="one sub-directory per run goes here")
+    parser.add_argument("--sft-seed", type=int, default=0,
+                        help="seed of the one SFT policy every run starts from (-1: each run's own seed)")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override, e.g. eval.seeds=[0]")
     args = parser.parse_args(argv)
+    sft_seed = None if args.sft_seed < 0 else args.sft_seed
     print(f"bench/learning: tiny experiment, {args.steps} AceGRPO steps per run (a short budget; the main "
-          f"job trains 40), training seeds {args.seeds}, variants {args.variants}", flush=True)
+          f"job trains {main_steps}), training seeds {args.seeds}, variants {args.variants}, SFT seed "
+          f"{'= training seed' if sft_seed is None else sft_seed}", flush=True)
     if args.override:
         print(f"extra overrides: {args.override}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
@@ -109,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         for seed in args.seeds:
             t_run = time.perf_counter()
             res = run_variant(variant, seed=seed, steps=args.steps, out_dir=args.out / f"{variant}_seed{seed}",
-                              extra=args.override)
+                              extra=args.override, sft_seed=sft_seed)
             results[variant].append(res)
             print(f"[bench] {variant} seed {seed}: any-medal {res['after']['any_medal_rate'].mean:.3f}, "
                   f"reward {res['after']['mean_reward'].mean:.3f} ({time.perf_counter() - t_run:.0f}s)", flush=True)

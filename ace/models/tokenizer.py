@@ -43,6 +43,12 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Coarser splits for a tokenizer trained on one narrow corpus (the tiny CPU policy's): merges may
+# then span words ("words": a run of non-space characters with its leading space) or whole lines
+# ("lines": a line with its newline), so a script the corpus repeats costs few tokens.
+WORD_SPLIT_PATTERN = r" ?[^\s]+|\s+"
+LINE_SPLIT_PATTERN = r"[^\r\n]*[\r\n]+|[^\r\n]+"
+SPLIT_PATTERNS = {"qwen": QWEN_SPLIT_PATTERN, "words": WORD_SPLIT_PATTERN, "lines": LINE_SPLIT_PATTERN}
 
 
 class _GenerationTag(Extension):
@@ -257,8 +263,8 @@ def _template_from_config(config: Mapping[str, Any]) -> str | None:
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
-                         *, min_frequency: int = 2) -> Tokenizer:
-    """Trains a byte-level BPE (Qwen's pre-tokenizer split) and saves it as an HF folder.
+                         *, min_frequency: int = 2, split: str = "qwen") -> Tokenizer:
+    """Trains a byte-level BPE and saves it as an HF folder.
 
     Byte-level means every string encodes (no unknown token) and decode(encode(x)) == x exactly.
     Special tokens `<|endoftext|>` (pad, id 0), `<|im_start|>` (1), `<|im_end|>` (eos, 2) come first;
@@ -270,7 +276,10 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | o
       vocab_size: at most this many ids, specials and the 256 byte symbols included.
       out_dir: when given, tokenizer.json and tokenizer_config.json are written there.
       min_frequency: a pair must occur this often to become a merge.
+      split: the pre-tokenizer split, a SPLIT_PATTERNS key: "qwen" (Qwen3's own), "words" or "lines".
     """
+    if split not in SPLIT_PATTERNS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {split!r}")
     minimum = 256 + len(CHATML_SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be >= {minimum} (256 bytes + {len(CHATML_SPECIAL_TOKENS)} "
@@ -280,7 +289,7 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | o
         raise ValueError("train_tiny_tokenizer needs at least one non-empty text")
     backend = _Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(SPLIT_PATTERNS[split]), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.decoder = decoders.ByteLevel()

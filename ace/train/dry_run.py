@@ -357,16 +357,10 @@ def _model_config_from_cfg(cfg: Mapping[str, Any]) -> ModelConfig:
 
 
 def _learner_config_from_cfg(cfg: Mapping[str, Any]) -> LearnerConfig:
-    t = cfg["train"]
-    steps = int(t["steps"])
-    warmup = int(t.get("warmup_steps", 0))
-    return LearnerConfig(lr=float(t["lr"]), warmup_steps=warmup, total_steps=max(steps, warmup + 1),
-                         weight_decay=float(t.get("weight_decay", 0.0)),
-                         max_grad_norm=float(t.get("max_grad_norm", 1.0)),
-                         micro_batches=int(t.get("micro_batches", 1)),
-                         compute_dtype=str(t.get("compute_dtype", "float32")),
-                         kl_coef=float(t.get("kl_coef", 0.0)), remat=bool(t.get("remat", False)),
-                         logprob_chunk_size=int(t.get("logprob_chunk_size", 512)))
+    """The learner config the real run would build (`TrainerConfig`, which validates every train.* key)."""
+    from ace.train.trainer import TrainerConfig
+
+    return TrainerConfig.from_cfg(cfg).learner_config()
 
 
 def dry_run_device_count(cfg: Mapping[str, Any]) -> tuple[int, str]:

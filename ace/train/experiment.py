@@ -127,8 +127,9 @@ def make_engine(params: Any, model_config: Any, cfg: Mapping[str, Any], *, max_b
     from ace.rollout.jax_sampler import JaxSampler
 
     max_prompt = int(rollout["max_prompt_tokens"])
-    # Compact prompts are mostly 700-1200 tokens: two buckets keep prefill compiles to two.
-    buckets = tuple(b for b in (1024,) if b < max_prompt)
+    # A fresh state's prompt is about a third of the budget, a state with history up to all of it:
+    # two prefill buckets (half and full) cover both with two compiles.
+    buckets = (max_prompt // 2,) if max_prompt >= 256 else ()
     return JaxSampler(params, model_config, max_batch=max_batch, max_prompt_len=max_prompt,
                       max_new_tokens=int(rollout["max_new_tokens"]), prompt_buckets=buckets, seed=int(cfg["seed"]))
 
@@ -200,7 +201,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     with make_sandbox(env["sandbox"]) as sandbox:
         t0 = time.perf_counter()
         sft = _sft_stage(cfg, train_comps, sandbox)
-        print(f"[ace] stage 1 (SFT) ready in {time.perf_counter() - t0:.0f}s: {sft.corpus_stats}", flush=True)
+        shown = {k: v for k, v in sft.corpus_stats.items() if k not in ("history", "model_config")}
+        print(f"[ace] stage 1 (SFT) ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
         params, model_config, tokenizer = sft.params, sft.model_config, sft.tokenizer
         mesh = None
         n_dev = int(cfg["mesh"].get("devices") or 0)

@@ -40,7 +40,7 @@ from ace.models import checkpoint, qwen3
 from ace.models.configs import TINY, ModelConfig, get_config
 from ace.models.logprobs import model_token_logprobs
 from ace.models.sharding import RULES, logical_to_sharding, use_mesh
-from ace.models.tokenizer import Tokenizer, train_tiny_tokenizer
+from ace.models.tokenizer import SPLIT_PATTERNS, Tokenizer, train_tiny_tokenizer
 from ace.train.learner import LearnerConfig, LearnerState, init_learner, make_optimizer, state_shardings
 from ace.train.learner import _schedule as learning_rate_schedule  # the optimizer's own schedule, for logging
 from ace.train.sft_corpus import (EXAMPLE_KINDS, CandidateScript, SFTExample, build_sft_corpus,  # noqa: F401
@@ -68,7 +68,8 @@ def _chatml(messages: Sequence[Mapping[str, str]]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
 
 
-def train_corpus_tokenizer(examples: Sequence[SFTExample], *, vocab_size: int, out_dir: str | Path | None) -> Tokenizer:
+def train_corpus_tokenizer(examples: Sequence[SFTExample], *, vocab_size: int, out_dir: str | Path | None,
+                           split: str = "qwen") -> Tokenizer:
     """A byte-level BPE (`train_tiny_tokenizer`, ChatML) trained on the rendered prompts and actions.
 
     Each distinct prompt counts once, so the repeated system prompt does not crowd out code merges.
@@ -76,7 +77,7 @@ def train_corpus_tokenizer(examples: Sequence[SFTExample], *, vocab_size: int, o
     if not examples:
         raise ValueError("train_corpus_tokenizer needs at least one example")
     texts = sorted({_chatml(e.messages) for e in examples}) + [e.action + "<|im_end|>" for e in examples]
-    return train_tiny_tokenizer(texts, vocab_size, out_dir)
+    return train_tiny_tokenizer(texts, vocab_size, out_dir, split=split)
 
 
 def tokenize_examples(tokenizer: Tokenizer, examples: Sequence[SFTExample], *,
@@ -273,6 +274,9 @@ class SFTConfig:
 
     scripts_per_comp: scripts run per training competition; vocab_size: BPE budget (the policy's
     vocab is the trained size rounded up to 64); max_len: longest (prompt + action) row;
+    tokenizer_split: the BPE's pre-tokenizer split (`ace.models.tokenizer.SPLIT_PATTERNS`);
+    seed: seed of the corpus, the init and the shuffling (None = the run's seed), so RL runs
+    with several seeds can start from one SFT policy;
     model: ModelConfig field overrides applied on top of SFT_TINY (for the `tiny` model).
     """
 
@@ -284,8 +288,10 @@ class SFTConfig:
     scripts_per_comp: int = 6
     improve_per_comp: int = 3
     vocab_size: int = 2048
+    tokenizer_split: str = "qwen"
     max_len: int = 1536
     workers: int = 2
+    seed: int | None = None
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -297,6 +303,11 @@ class SFTConfig:
             raise ValueError(f"sft.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"sft.lr must be > 0, got {self.lr!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"sft.seed must be an int or null, got {self.seed!r}")
+        if self.tokenizer_split not in SPLIT_PATTERNS:
+            raise ValueError(f"sft.tokenizer_split must be one of {sorted(SPLIT_PATTERNS)}, "
+                             f"got {self.tokenizer_split!r}")
         unknown = set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)}
         if unknown:
             raise ValueError(f"sft.model has unknown ModelConfig fields {sorted(unknown)}")
@@ -355,7 +366,7 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
       SFTResult; `corpus_stats` also says whether each part came from the cache.
     """
     sft = SFTConfig.from_dict(cfg_dict.get("sft"))
-    seed = int(cfg_dict.get("seed", 0))
+    seed = int(cfg_dict.get("seed", 0)) if sft.seed is None else sft.seed
     env = dict(cfg_dict.get("env") or {})
     max_steps, exec_timeout_s = int(env.get("max_steps", 4)), float(env.get("exec_timeout_s", 60))
     base = _base_model_config(cfg_dict, sft)
@@ -372,7 +383,7 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
                                     workers=sft.workers)
     corpus_s = time.perf_counter() - t0
     train_key = _digest({"corpus": corpus_key, "seed": seed, "model": dataclasses.asdict(base),
-                         **{k: v for k, v in dataclasses.asdict(sft).items() if k not in ("enabled", "workers")}})
+                         **{k: v for k, v in dataclasses.asdict(sft).items() if k not in ("enabled", "workers", "seed")}})
     train_dir = corpus_dir / f"train-{train_key}"
     if (train_dir / "stats.json").is_file():
         stats = json.loads((train_dir / "stats.json").read_text())
@@ -383,7 +394,8 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
 
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=corpus_dir))
     try:
-        tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=tmp / "tokenizer")
+        tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=tmp / "tokenizer",
+                                           split=sft.tokenizer_split)
         model_config = dataclasses.replace(base, vocab_size=-(-tokenizer.vocab_size // 64) * 64,
                                            max_position_embeddings=max(base.max_position_embeddings, sft.max_len))
         tokens, loss_mask = tokenize_examples(tokenizer, examples, max_len=sft.max_len)

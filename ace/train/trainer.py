@@ -59,7 +59,7 @@ class TrainerConfig:
     steps, group_size (G), tasks_per_step (N), micro_batches, lr, warmup_steps, schedule,
     weight_decay, max_grad_norm, advantage, loss_agg, eps_low, eps_high, kl_coef, kl_kind,
     max_staleness, staleness_policy, tis_cap, duration_weighting, stepwise, checkpoint_every,
-    compute_dtype, exec_workers [train.*]; temperature, top_p, top_k, max_new_tokens,
+    compute_dtype, remat, exec_workers [train.*]; temperature, top_p, top_k, max_new_tokens,
     max_prompt_tokens, workers [rollout.*]; max_steps, exec_timeout_s, instrument [env.*];
     children, sync [ablation.*]; seed.
     """
@@ -89,6 +89,7 @@ class TrainerConfig:
     stepwise: bool = True
     checkpoint_every: int = 10
     compute_dtype: str = "float32"
+    remat: bool = False
     exec_workers: int = 2
     temperature: float = 1.0
     top_p: float = 1.0
@@ -120,7 +121,10 @@ class TrainerConfig:
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
         """From the composed Hydra config (as a plain mapping): train.*, rollout.*, env.*, ablation.*, seed."""
-        train, rollout, env, ablation = (dict(cfg[k]) for k in ("train", "rollout", "env", "ablation"))
+        # Only the keys read below are touched: another section may hold a mandatory value ("???")
+        # that this run never needs (env.data_dir in a dry run).
+        train = dict(cfg["train"])
+        rollout, env, ablation = (cfg[k] for k in ("rollout", "env", "ablation"))
         train.pop("competitions", None)  # read by the experiment (which competitions), not the loop
         fields = {f.name for f in dataclasses.fields(cls)}
         renamed = {"loss_agg": train.pop("loss_agg", "seq_mean_token_mean")}
@@ -142,7 +146,7 @@ class TrainerConfig:
             max_grad_norm=float(self.max_grad_norm), micro_batches=int(self.micro_batches),
             eps_low=float(self.eps_low), eps_high=float(self.eps_high), agg=self.loss_agg,
             tis_cap=self.tis_cap, kl_coef=float(self.kl_coef), kl_kind=self.kl_kind,
-            compute_dtype=self.compute_dtype)
+            compute_dtype=self.compute_dtype, remat=bool(self.remat))
 
     @property
     def actions_per_rollout(self) -> int:

@@ -87,6 +87,36 @@ def test_decode_inverts_encode_on_arbitrary_text(text):
     assert _SHARED.decode(_SHARED.encode(text)) == text
 
 
+_LINE_SPLIT = train_tiny_tokenizer(TOKENIZER_CORPUS * 3, 600, split="lines")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=60))
+def test_line_split_decode_inverts_encode_on_arbitrary_text(text):
+    assert _LINE_SPLIT.decode(_LINE_SPLIT.encode(text)) == text
+
+
+@pytest.mark.parametrize("split", ["words", "lines"])
+def test_coarse_splits_match_transformers_and_merge_across_spaces(split, tmp_path):
+    texts = ["x = make_pipeline(StandardScaler(), Ridge())\n" * 3 + "print(x)\n"] * 40 + TOKENIZER_CORPUS
+    ours = train_tiny_tokenizer(texts, 600, tmp_path, split=split)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in VARIED_TEXTS + texts[:1]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == text
+    # A corpus line spans spaces; Qwen's split could never merge across " = " or ", ".
+    line = "x = make_pipeline(StandardScaler(), Ridge())\n"
+    qwen = train_tiny_tokenizer(texts, 600)
+    assert len(ours.encode(line)) < len(qwen.encode(line))
+    if split == "lines":
+        assert len(ours.encode(line)) == 1
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match=r"split must be one of \['lines', 'qwen', 'words'\], got 'chars'"):
+        train_tiny_tokenizer(["abc"], 300, split="chars")
+
+
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chatml_rendering_matches_transformers(tiny, add_generation_prompt):
     _, ours, theirs = tiny

@@ -194,5 +194,18 @@ def test_bad_settings_fail_with_the_key_name():
         sft.SFTConfig.from_dict({"epoch": 1})
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         sft.SFTConfig.from_dict({"model": {"hidden": 8}})
+    with pytest.raises(ValueError, match=r"sft.tokenizer_split must be one of .* got 'chars'"):
+        sft.SFTConfig.from_dict({"tokenizer_split": "chars"})
+    with pytest.raises(ValueError, match="sft.seed must be an int or null, got '1'"):
+        sft.SFTConfig.from_dict({"seed": "1"})
     with pytest.raises(ValueError, match="hf_path"):
         sft.run_sft_stage({**CFG, "model": {"name": "tiny", "hf_path": "/x"}}, [], None, cache_root="/tmp/unused")
+
+
+def test_sft_seed_decouples_stage_one_from_the_run_seed(stage, comps):
+    """A run with another seed but sft.seed equal to the cached run's seed reuses its policy."""
+    root, result, _ = stage
+    cfg = {**CFG, "seed": 7, "sft": {**CFG["sft"], "seed": CFG["seed"]}}
+    again = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False)
+    assert again.corpus_stats["cached_params"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again.params, result.params)
