@@ -35,6 +35,6 @@ setup(
             "ipykernel>=6.29",
         ],
         # The scale path needs a GPU host; see README.
-        "sglang": ["sglang==0.5.23"],
+        "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],
     },
 )

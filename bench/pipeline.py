@@ -10,11 +10,23 @@ the learner step is a fixed sleep. Both loops run the same tasks, durations and 
 
 The async figure is measured against the physical limit max(learner time, rollout time /
 concurrency): no schedule can do better than keeping the slower of the two busy all the time.
+
+A second row (`--real`, on by default when the SGLang environment .venv-sglang exists) runs the
+real system on this machine: the tiny policy of the main job (stage-1 SFT, cached under
+~/.cache/ace/sft), real sandbox runs on the built-in competitions, a real SGLang CPU server fed
+through the async queue, the real learner; the same number of AceGRPO steps synchronously
+(`ablation=sync`) and asynchronously, measured in one run; the first step of each (compiles) is
+left out of the mean.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
 import itertools
 import math
 import threading
@@ -111,6 +123,50 @@ def async_pipeline(args) -> tuple[float, dict]:
     return per_step, m
 
 
+REPO = Path(__file__).resolve().parents[1]
+SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
+
+
+def real_system(args) -> tuple[float, float]:
+    """Seconds per step (mean over steps 2..N) of sync and async AceGRPO with a real SGLang CPU server."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ace.curriculum import CurriculumConfig
+    from ace.env.sandbox import make_sandbox
+    from ace.train.engines import open_engine
+    from ace.train.experiment import load_competitions, prompt_config, reward_config
+    from ace.train.metrics import read_jsonl
+    from ace.train.policy import load_policy
+    from ace.train.trainer import AceTrainer, TrainerConfig, make_env_factory
+
+    overrides = ["rollout=sglang_cpu", f"train.steps={args.real_steps}", "train.checkpoint_every=1000",
+                 "progress=false"]
+    with initialize_config_dir(config_dir=str(REPO / "hydra_configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    train_comps, _ = load_competitions(cfg)
+    per_step = {}
+    with tempfile.TemporaryDirectory(prefix="ace-bench-pipeline-") as tmp, make_sandbox("subprocess") as sandbox:
+        policy = load_policy(cfg, train_comps, sandbox, progress=False)
+        env_factory = make_env_factory(sandbox, reward_cfg=reward_config(cfg), max_steps=int(cfg["env"]["max_steps"]),
+                                       exec_timeout_s=float(cfg["env"]["exec_timeout_s"]), instrument=True,
+                                       prompt_cfg=prompt_config(cfg, policy.prompt_cfg))
+        with open_engine(cfg, policy, Path(tmp) / "engine", max_batch=int(cfg["train"]["group_size"])) as run_engine:
+            for mode in ("sync", "async"):
+                mode_cfg = {**cfg, "ablation": {**cfg["ablation"], "sync": mode == "sync"}}
+                trainer = AceTrainer(TrainerConfig.from_cfg(mode_cfg), CurriculumConfig.from_mapping(cfg["curriculum"]),
+                                     params=policy.params, model_config=policy.model_config,
+                                     tokenizer=policy.tokenizer, comps=train_comps, engine=run_engine.engine,
+                                     env_factory=env_factory, out_dir=Path(tmp) / mode, progress=False)
+                trainer.run()
+                rows = read_jsonl(Path(tmp) / mode / "metrics.jsonl")
+                per_step[mode] = float(np.mean([r["step_time_s"] for r in rows[1:]]))
+                print(f"  real {mode}: {json.dumps([round(r['step_time_s'], 2) for r in rows])} s per step", flush=True)
+    return per_step["sync"], per_step["async"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -123,6 +179,9 @@ def main():
     ap.add_argument("--max-staleness", type=int, default=2)
     ap.add_argument("--capacity-groups", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=SGLANG_PYTHON.exists(),
+                    help="also run the real system (tiny policy, sandbox, SGLang CPU server)")
+    ap.add_argument("--real-steps", type=int, default=6)
     args = ap.parse_args()
 
     rollout_s = args.groups_per_step * args.group_size * args.mean_exec_s
@@ -139,6 +198,15 @@ def main():
           f"rollout {rollout_s:.3f} / {args.workers} workers)")
     print(f"speed-up async vs sync: {sync_s / async_s:.2f}x (target >= 2x); "
           f"async reaches {100 * limit / async_s:.0f}% of the physical limit")
+    if args.real:
+        print(f"real system: tiny policy, built-in competitions, subprocess sandbox, 1 SGLang CPU server, "
+              f"{args.real_steps} AceGRPO steps each")
+        real_sync, real_async = real_system(args)
+        print(f"real sync loop      : {real_sync:.2f} s/step")
+        print(f"real async pipeline : {real_async:.2f} s/step")
+        print(f"real speed-up async vs sync: {real_sync / real_async:.2f}x")
+    else:
+        print("real system: skipped (no .venv-sglang; build it with bash tests/support/sglang_env/build.sh)")
 
 
 if __name__ == "__main__":

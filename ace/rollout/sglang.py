@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import requests
 
 from ace.rollout.engine import Generation, SamplingParams
@@ -116,15 +117,48 @@ class SGLangClient:
         """Batched /generate. prompts: B lists of token ids; params: B SamplingParams."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        payload = {"input_ids": [[int(t) for t in p] for p in prompts],
-                   "sampling_params": [to_sglang_sampling_params(p) for p in params],
-                   "return_logprob": True}
+        if len(prompts) == 1:
+            # One request in the plain form: sglang-router's typed /generate takes only this one.
+            payload = {"input_ids": [int(t) for t in prompts[0]],
+                       "sampling_params": to_sglang_sampling_params(params[0]), "return_logprob": True}
+        else:
+            payload = {"input_ids": [[int(t) for t in p] for p in prompts],
+                       "sampling_params": [to_sglang_sampling_params(p) for p in params],
+                       "return_logprob": True}
         out = self._post("/generate", payload).json()
         if isinstance(out, dict):
             out = [out]
         if len(out) != len(prompts):
             raise SGLangRequestError(f"/generate returned {len(out)} results for {len(prompts)} prompts")
         return [parse_generation(o, initial_version=self.initial_version) for o in out]
+
+    def model_info(self) -> dict:
+        """GET /model_info: model_path, weight_version, architectures, ..."""
+        try:
+            r = self._session.get(f"{self.base_url}/model_info", timeout=min(self.timeout_s, 30.0))
+        except requests.RequestException as e:
+            raise ServerUnavailable(f"{self.base_url}/model_info: {e}") from e
+        if r.status_code >= 400:
+            raise (ServerUnavailable if r.status_code >= 500 else SGLangRequestError)(
+                f"{self.base_url}/model_info: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """[len(token_ids) - 1] float32 logprob of each token after the first, teacher-forced."""
+        if len(token_ids) < 2:
+            raise ValueError(f"score needs at least 2 tokens, got {len(token_ids)}")
+        payload = {"input_ids": [int(t) for t in token_ids],
+                   "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                   "return_logprob": True, "logprob_start_len": 0}
+        out = self._post("/generate", payload).json()
+        out = out[0] if isinstance(out, list) else out
+        try:
+            triples = out["meta_info"]["input_token_logprobs"]
+        except (KeyError, TypeError):
+            raise SGLangRequestError(f"/generate result lacks meta_info.input_token_logprobs: {str(out)[:300]}") from None
+        # The first input token has no logprob (None); the rest score token t given tokens < t.
+        values = [t[0] for t in triples][-(len(token_ids) - 1):]
+        return np.asarray(values, np.float32)
 
     def update_weights_from_disk(self, model_path: str | os.PathLike, version: int) -> None:
         out = self._post("/update_weights_from_disk",
@@ -165,6 +199,11 @@ class SGLangEngine:
       keep_versions: exported folders kept on disk (the served one is never deleted).
       request_timeout_s: HTTP timeout of one /generate.
       restart_timeout_s: how long a request waits for some server to be healthy again.
+      max_concurrency: requests in flight from this engine.
+      router_url: an sglang-router over `servers`; when given, every /generate goes through it (the
+        router balances and retries), while weight loads, health and restarts stay per server.
+      monitor_interval_s: when given, a thread checks every server this often and restarts a dead
+        one even when no request of ours has hit it (with a router, ours never do).
     """
 
     supports_concurrent_update = True
@@ -172,7 +211,8 @@ class SGLangEngine:
     def __init__(self, servers: Sequence[SGLangServer], *, exporter: Callable[[Any, Path], None],
                  export_dir: str | os.PathLike, initial_version: int = 0, max_attempts: int = 3,
                  pause_mode: str = "abort", keep_versions: int = 2, request_timeout_s: float = 600.0,
-                 restart_timeout_s: float = 600.0, max_concurrency: int = 64):
+                 restart_timeout_s: float = 600.0, max_concurrency: int = 64, router_url: str | None = None,
+                 monitor_interval_s: float | None = None):
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         if max_attempts < 1:
@@ -190,6 +230,7 @@ class SGLangEngine:
                          for s in self.servers]
         self._version = initial_version
         self._initial_version = initial_version
+        self._current_path: Path | None = None  # the folder of the served version, once one was pushed
         self._lock = threading.Condition()
         self._in_flight = [0] * len(self.servers)
         self._down: set[int] = set()
@@ -197,6 +238,17 @@ class SGLangEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="sglang-req")
         self.recovery_errors: list[str] = []  # why a server could not be brought back
         self.stats = {"requests": 0, "retries": 0, "aborted_retries": 0, "restarts": 0}
+        self.router_url = router_url
+        self._router = (SGLangClient(router_url, timeout_s=request_timeout_s, initial_version=initial_version)
+                        if router_url else None)
+        self._closed = threading.Event()
+        self._monitor = None
+        if monitor_interval_s is not None:
+            if monitor_interval_s <= 0:
+                raise ValueError(f"monitor_interval_s must be > 0, got {monitor_interval_s}")
+            self._monitor = threading.Thread(target=self._watch, args=(float(monitor_interval_s),),
+                                             name="sglang-monitor", daemon=True)
+            self._monitor.start()
 
     @property
     def weight_version(self) -> int:
@@ -246,6 +298,8 @@ class SGLangEngine:
             self._lock.notify_all()
 
     def _generate_one(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        if self._router is not None:
+            return self._generate_via_router(prompt, params)
         failed: set[int] = set()
         errors: list[str] = []
         aborts = 0
@@ -264,18 +318,69 @@ class SGLangEngine:
                 continue
             finally:
                 self._release_server(i)
-            if gen.finish_reason == "abort" and aborts < 2 * self.max_attempts:
-                # Aborted by a weight update's pause: wait for the update to finish, then redo.
+            if not self._finished(gen, aborts):
                 aborts += 1
-                with self._lock:
-                    self.stats["aborted_retries"] += 1
-                with self._update_lock:
-                    pass
                 continue
-            with self._lock:
-                self.stats["requests"] += 1
             return gen
         raise ServerUnavailable(f"request failed on {self.max_attempts} attempts: {errors}")
+
+    def _finished(self, gen: Generation, aborts: int) -> bool:
+        """False when `gen` was aborted by a weight update's pause (after waiting for the update to
+        finish, so that the caller redoes it under the new weights); True when it is the answer."""
+        if gen.finish_reason == "abort" and aborts < 2 * self.max_attempts:
+            with self._lock:
+                self.stats["aborted_retries"] += 1
+            with self._update_lock:
+                pass
+            return False
+        with self._lock:
+            self.stats["requests"] += 1
+        return True
+
+    def _generate_via_router(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
+        """One request through the router; a 5xx (no healthy worker, a worker killed mid-request
+        after the router's own retries) is retried here with backoff once some server is up."""
+        errors: list[str] = []
+        aborts = 0
+        # The router answers 5xx while its health checks have not (re)admitted a worker: that
+        # lasts seconds, so the budget here is several backoffs (~1 min), not max_attempts quick tries.
+        attempts = max(self.max_attempts, 8)
+        for attempt in range(attempts):
+            self._wait_until_any_up()
+            try:
+                gen = self._router.generate([prompt], [params])[0]
+            except ServerUnavailable as e:
+                errors.append(str(e))
+                with self._lock:
+                    self.stats["retries"] += 1
+                self._closed.wait(min(0.5 * 2 ** attempt, 10.0))
+                continue
+            if not self._finished(gen, aborts):
+                aborts += 1
+                continue
+            return gen
+        raise ServerUnavailable(f"request through router {self.router_url} failed {attempts} times: {errors[-3:]}")
+
+    def _wait_until_any_up(self) -> None:
+        deadline = time.monotonic() + self.restart_timeout_s
+        with self._lock:
+            while len(self._down) == len(self.servers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerUnavailable(f"no SGLang server healthy for {self.restart_timeout_s} s; "
+                                            f"recovery errors: {self.recovery_errors[-3:]}")
+                self._lock.wait(remaining)
+
+    def _watch(self, interval_s: float) -> None:
+        """The monitor thread: a server whose process died (or, given by URL, stopped answering)
+        is taken out of dispatch and recovered."""
+        while not self._closed.wait(interval_s):
+            for i, server in enumerate(self.servers):
+                if i in self.down():
+                    continue
+                dead = (not server.alive()) if server.process is not None else not server.healthy(timeout_s=5.0)
+                if dead and not self._closed.is_set():
+                    self._mark_down(i)
 
     def _mark_down(self, i: int) -> None:
         with self._lock:
@@ -287,15 +392,22 @@ class SGLangEngine:
     def _recover(self, i: int) -> None:
         server = self.servers[i]
         try:
-            if not (server.alive() and server.healthy()):
+            if server.process is None:
+                # Given by URL: only its owner can restart it; wait for it to answer again.
+                deadline = time.monotonic() + self.restart_timeout_s
+                while not server.healthy(timeout_s=5.0):
+                    if time.monotonic() > deadline or self._closed.wait(1.0):
+                        raise ServerUnavailable(f"{server.url} did not come back in {self.restart_timeout_s} s")
+            elif not (server.alive() and server.healthy()):
                 server.restart()  # outside the update lock: a publish need not wait for a restart
                 with self._lock:
                     self.stats["restarts"] += 1
             # An update may have happened while the server was down or restarting: bring it to
             # the newest folder and version tag (a load from disk takes milliseconds).
             with self._update_lock:
-                if self._version != self._initial_version:
-                    self._clients[i].update_weights_from_disk(server.model_path, self._version)
+                if self._version != self._initial_version and self.server_version(i) != self._version:
+                    self._clients[i].update_weights_from_disk(self._current_path or server.model_path,
+                                                              self._version)
         except Exception as e:  # noqa: BLE001 - the server stays down; requests use the others
             with self._lock:
                 self.recovery_errors.append(f"{server.url}: {e!r}")
@@ -321,9 +433,9 @@ class SGLangEngine:
             path.mkdir(parents=True)
             self.exporter(params, path)
             exported = read_architectures(path)
-            for s in self.servers:
-                served = read_architectures(s.model_path)
-                if served != exported:
+            for i, s in enumerate(self.servers):
+                served = self._served_architectures(i)
+                if served is not None and served != exported:
                     raise ArchitectureMismatch(
                         f"exported weights {path} are {list(exported)} but server {s.url} serves "
                         f"{list(served)} from {s.model_path}; loading them would crash the server")
@@ -341,10 +453,13 @@ class SGLangEngine:
                 except ServerUnavailable:
                     # Its recovery waits for this update (the lock), then loads the new folder.
                     self._mark_down(i)
-            # Down servers load the new folder when they are restarted.
+            # Down servers load the new folder, under the new tag, when they are restarted.
             for s in self.servers:
-                s.model_path = path
+                if s.process is not None or s.model_path is not None:
+                    s.model_path = path
+                s.weight_version = version
             self._version = version
+            self._current_path = path
             self._prune_exports(path)
 
     def _prune_exports(self, current: Path) -> None:
@@ -353,7 +468,56 @@ class SGLangEngine:
             if old != current:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _served_architectures(self, i: int) -> tuple[str, ...] | None:
+        server = self.servers[i]
+        if server.model_path is not None:
+            return read_architectures(server.model_path)
+        try:
+            archs = server.model_info().get("architectures")
+        except Exception:  # noqa: BLE001 - a down server is checked when it comes back
+            return None
+        return tuple(archs) if archs else None
+
+    # ------------------------------------------------------------------ inspection
+    def server_version(self, i: int) -> int | None:
+        """The weight version server `i` reports on /model_info now (None when it does not answer)."""
+        try:
+            raw = self._clients[i].model_info().get("weight_version")
+        except (ServerUnavailable, SGLangRequestError):
+            return None
+        return parse_weight_version(raw, initial_version=self._initial_version)
+
+    def server_versions(self) -> list[int | None]:
+        """`server_version` of every server, indexed like `servers`."""
+        return [self.server_version(i) for i in range(len(self.servers))]
+
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[np.ndarray | None]:
+        """Each server's logprobs of `token_ids[1:]` given the tokens before them (teacher-forced,
+        temperature 1), straight from the server, not through the router; None for a server that
+        does not answer. Compare with the learner's to check that a push really reached a server."""
+        out = []
+        for client in self._clients:
+            try:
+                out.append(client.score(token_ids))
+            except (ServerUnavailable, SGLangRequestError):
+                out.append(None)
+        return out
+
+    def wait_all_up(self, timeout_s: float | None = None) -> bool:
+        """Blocks until no server is down (recovered) or `timeout_s` passed; returns whether all are up."""
+        deadline = time.monotonic() + (self.restart_timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            while self._down:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(min(remaining, 1.0))
+        return True
+
     def close(self) -> None:
+        self._closed.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=30)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "SGLangEngine":

@@ -39,6 +39,11 @@ from ace.train.learner import LearnerConfig, make_optimizer
 DEFAULT_DRY_RUN_DEVICES = 64
 
 GIB = 1024 ** 3
+# Memory a program can use on the devices the project names (what nvidia-smi reports as total).
+DEVICE_MEMORY_GIB = {"H100 80 GB": 81559 / 1024, "H200 141 GB": 143771 / 1024}
+# Share of a device's memory the plan may take: XLA's temporaries, fragmentation and the CUDA context
+# need the rest (run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 so JAX may take that much at all).
+FIT_FRACTION = 0.9
 
 
 class ShardingCheckError(ValueError):
@@ -106,7 +111,20 @@ class MemoryReport:
         ]
         for name, value in rows:
             lines.append(f"  {name.ljust(width)}  {value / GIB:12.3f} GiB  ({value:,} B)")
+        lines.append(self.fit_line())
         return "\n".join(lines)
+
+    def fits(self) -> dict[str, bool]:
+        """Device name -> whether the per-device total fits FIT_FRACTION of its memory."""
+        return {name: self.total_bytes <= FIT_FRACTION * cap * GIB for name, cap in DEVICE_MEMORY_GIB.items()}
+
+    def fit_line(self) -> str:
+        parts = []
+        for name, ok in self.fits().items():
+            budget = FIT_FRACTION * DEVICE_MEMORY_GIB[name]
+            parts.append(f"{name}: {'fits' if ok else 'does NOT fit'} ({self.total_bytes / GIB:.1f} of "
+                         f"{budget:.1f} GiB usable)")
+        return "fit per device: " + "; ".join(parts)
 
 
 def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -113,25 +113,31 @@ def reward_config(cfg: Mapping[str, Any]) -> RewardConfig:
     return RewardConfig(**overrides)
 
 
+def prompt_config(cfg: Mapping[str, Any], base: PromptConfig) -> PromptConfig:
+    """`base` (the prompt limits the policy was trained with) with the overrides under env.prompt."""
+    overrides = dict(cfg["env"].get("prompt") or {})
+    names = {f.name for f in dataclasses.fields(PromptConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"env.prompt: unknown keys {unknown}; expected a subset of {sorted(names)}")
+    return dataclasses.replace(base, **{k: int(v) for k, v in overrides.items()})
+
+
 def _sft_prompt_config() -> PromptConfig:
     from ace.train.sft import COMPACT_PROMPT
     return COMPACT_PROMPT
 
 
 def make_engine(params: Any, model_config: Any, cfg: Mapping[str, Any], *, max_batch: int) -> Any:
-    """The rollout engine named by rollout.kind (the embedded JAX sampler on CPU)."""
+    """The embedded JAX sampler (rollout.kind=jax_sampler) over `params`; an SGLang pool is opened
+    with `ace.train.engines.open_engine` and passed to `evaluate_policy` as `engine`."""
     rollout = cfg["rollout"]
     if rollout["kind"] != "jax_sampler":
-        raise ValueError(f"rollout.kind={rollout['kind']!r}: this entry point drives the embedded sampler "
-                         "('jax_sampler'); the SGLang pool is started by the ace30b launcher")
-    from ace.rollout.jax_sampler import JaxSampler
+        raise ValueError(f"make_engine builds the embedded sampler; rollout.kind={rollout['kind']!r} needs "
+                         "ace.train.engines.open_engine (it launches or connects to the servers)")
+    from ace.train.engines import make_jax_sampler
 
-    max_prompt = int(rollout["max_prompt_tokens"])
-    # A fresh state's prompt is about a third of the budget, a state with history up to all of it:
-    # two prefill buckets (half and full) cover both with two compiles.
-    buckets = (max_prompt // 2,) if max_prompt >= 256 else ()
-    return JaxSampler(params, model_config, max_batch=max_batch, max_prompt_len=max_prompt,
-                      max_new_tokens=int(rollout["max_new_tokens"]), prompt_buckets=buckets, seed=int(cfg["seed"]))
+    return make_jax_sampler(params, model_config, rollout, max_batch=max_batch, seed=int(cfg["seed"]))
 
 
 def format_before_after(before: Mapping[str, MeanSE], after: Mapping[str, MeanSE]) -> str:
@@ -154,89 +160,147 @@ def learned(before: Mapping[str, MeanSE], after: Mapping[str, MeanSE]) -> bool:
     return better("mean_reward") and (better("valid_rate") or better("any_medal_rate"))
 
 
-def _sft_stage(cfg: Mapping[str, Any], comps: Sequence[Any], sandbox: Any):
-    from ace.train.sft import run_sft_stage
+def load_competitions(cfg: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    """(training, held-out) competitions of `env.kind` (builtin | mlebench), cut to the first
+    `train.competitions` / `eval.competitions` when those are set. Fails before any other work when
+    `env.data_dir` holds no prepared competition."""
+    env = cfg["env"]
+    kind = env["kind"]
+    if kind == "builtin":
+        from ace.env.suites import load_suite
 
-    sft = dict(cfg["sft"])
-    cache = sft.pop("cache_dir", None) or str(Path.home() / ".cache" / "ace" / "sft")
-    if not sft.get("enabled", True):
-        raise ValueError("sft.enabled=false: the tiny CPU job trains its policy and tokenizer in stage 1; "
-                         "load a pretrained HF model with the ace30b experiment instead")
-    return run_sft_stage({**cfg, "sft": sft}, comps, sandbox, cache_root=cache,
-                         progress=bool(cfg.get("progress", True)))
+        train = load_suite("train", seed=int(env["suite_seed"]))
+        held_out = load_suite("held_out", seed=int(env["suite_seed"]))
+    elif kind == "mlebench":
+        from ace.env.mlebench import load_mlebench_suite
+
+        data_dir = env.get("data_dir")
+        if not data_dir or data_dir == "???":
+            raise ValueError("env.kind=mlebench needs env.data_dir: the folder `mlebench prepare` wrote "
+                             "(<data_dir>/<competition>/prepared/{public,private})")
+        root = Path(str(data_dir)).expanduser()
+        prepared = sorted(p.parent.parent.name for p in root.glob("*/prepared/public")) if root.is_dir() else []
+        if not prepared:
+            raise FileNotFoundError(f"env.data_dir={str(data_dir)!r} holds no prepared competition "
+                                    f"(no <id>/prepared/public folder); run `mlebench prepare` into it")
+        meta = env.get("competitions_dir")
+        train = load_mlebench_suite(root, _comp_list(env.get("competitions", "lite")), competitions_dir=meta)
+        held = env.get("held_out")
+        held_out = train if held in (None, "same") else load_mlebench_suite(root, _comp_list(held),
+                                                                            competitions_dir=meta)
+        if not train:
+            raise ValueError(f"env.competitions={env.get('competitions')!r}: none of them is prepared under "
+                             f"{root} (prepared: {prepared[:10]})")
+    else:
+        raise ValueError(f"env.kind={kind!r}: expected 'builtin' or 'mlebench'")
+    n_train, n_eval = cfg["train"].get("competitions"), cfg["eval"].get("competitions")
+    if n_train:
+        train = train[:int(n_train)]
+    if n_eval:
+        held_out = held_out[:int(n_eval)]
+    return list(train), list(held_out)
+
+
+def _comp_list(value: Any) -> Any:
+    return value if isinstance(value, str) else [str(v) for v in value]
+
+
+def _save_run_policy_files(out_dir: Path, policy: Any) -> None:
+    """model_config.json and tokenizer/ in the run folder: what evaluation and resumption need."""
+    (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(policy.model_config), indent=2))
+    policy.tokenizer.save(out_dir / "tokenizer")
 
 
 def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The main job (see the module docstring). `cfg` is the composed config as a plain dict.
 
+    One path for every scale; the config picks the parts:
+      env.kind       builtin (offline competitions) | mlebench (env.data_dir),
+      model / sft    the tiny model trained in stage 1, or an HF folder (model.hf_path), see
+                     `ace.train.policy`,
+      rollout.kind   jax_sampler (embedded) | sglang (servers launched or given by URL, router),
+      mesh / learner.gpus / distributed   the learner's devices (see `ace.train.devices`).
     Returns:
       {"before", "after": {metric: MeanSE}, "learned": bool, "metrics_path", "figure_path", "out_dir"}.
     """
     from ace.curriculum import CurriculumConfig
     from ace.env.sandbox import make_sandbox
-    from ace.env.suites import load_suite
-    from ace.models.sharding import make_mesh
+    from ace.train.devices import describe_split, init_distributed, learner_mesh, restrict_learner_gpus
+    from ace.train.engines import open_engine
+    from ace.train.policy import check_hf_folder, load_policy
     from ace.train.trainer import AceTrainer, TrainerConfig, make_env_factory
 
     t_start = time.perf_counter()
     out_dir = Path(cfg["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    env = cfg["env"]
-    if env["kind"] != "builtin":
-        raise ValueError(f"env.kind={env['kind']!r}: the CPU main job runs the built-in suite ('builtin')")
+    # Everything that can be checked without a device or a server is checked first.
     tcfg = TrainerConfig.from_cfg(cfg)
     ccfg = CurriculumConfig.from_mapping(cfg["curriculum"])
-    train_comps = load_suite("train", seed=int(env["suite_seed"]))
-    held_out = load_suite("held_out", seed=int(env["suite_seed"]))
-    n_train = cfg["train"].get("competitions")
-    if n_train:
-        train_comps = train_comps[:int(n_train)]
-    n_eval = cfg["eval"].get("competitions")
-    if n_eval:
-        held_out = held_out[:int(n_eval)]
+    train_comps, held_out = load_competitions(cfg)
+    if cfg["model"].get("hf_path"):
+        check_hf_folder(cfg["model"]["hf_path"], dtype=cfg["model"].get("dtype"))
+    if cfg["rollout"]["kind"] == "sglang":
+        from ace.rollout.sglang_pool import SGLangPoolConfig
+        SGLangPoolConfig.from_cfg(cfg["rollout"])
+    learner_gpus = restrict_learner_gpus(cfg)
+    if init_distributed(cfg) and jax.process_count() > 1:
+        # The loop is single-controller today: every process would launch its own servers and
+        # sandboxes. Refuse rather than train N diverging copies (docs: README, "several hosts").
+        raise NotImplementedError(
+            f"{jax.process_count()} JAX processes joined, but the AceGRPO loop runs on one controller "
+            "process; run the learner on one host (learner.gpus) with the rollout servers anywhere "
+            "(rollout.urls / rollout.router_url)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    mesh = learner_mesh(cfg)
     seeds = [int(s) for s in cfg["eval"]["seeds"]]
-    print(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions; output in {out_dir}",
-          flush=True)
-    with make_sandbox(env["sandbox"]) as sandbox:
+    print(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions ({cfg['env']['kind']}); "
+          f"output in {out_dir}", flush=True)
+    print(describe_split(mesh, cfg, learner_gpus), flush=True)
+    with make_sandbox(cfg["env"]["sandbox"]) as sandbox:
         t0 = time.perf_counter()
-        sft = _sft_stage(cfg, train_comps, sandbox)
-        shown = {k: v for k, v in sft.corpus_stats.items() if k not in ("history", "model_config")}
-        print(f"[ace] stage 1 (SFT) ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
-        params, model_config, tokenizer = sft.params, sft.model_config, sft.tokenizer
-        mesh = None
-        n_dev = int(cfg["mesh"].get("devices") or 0)
-        if n_dev != 1 and jax.device_count() > 1:
-            devices = jax.devices() if n_dev <= 0 else jax.devices()[:n_dev]
-            shape = {k: int(v) for k, v in cfg["mesh"].items() if k != "devices"}
-            mesh = make_mesh(shape, devices)
-        # One batch row per rollout of a group; evaluation prompts go through in chunks of it.
-        engine = make_engine(params, model_config, cfg, max_batch=tcfg.group_size)
+        policy = load_policy(cfg, train_comps, sandbox, mesh=mesh, progress=bool(cfg.get("progress", True)))
+        shown = {k: v for k, v in policy.stats.items() if k not in ("history", "model_config")}
+        print(f"[ace] policy ready ({policy.source}) in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
+        _save_run_policy_files(out_dir, policy)
+        ref_params = None
+        if tcfg.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
+            from ace.models.hf import load_hf_params
+            check_hf_folder(cfg["model"]["ref_hf_path"], dtype=cfg["model"].get("dtype"))
+            ref_params, _ = load_hf_params(Path(cfg["model"]["ref_hf_path"]).expanduser(), policy.model_config,
+                                           mesh=mesh)
         env_factory = make_env_factory(sandbox, reward_cfg=reward_config(cfg), max_steps=tcfg.max_steps,
                                        exec_timeout_s=tcfg.exec_timeout_s, instrument=tcfg.instrument,
-                                       prompt_cfg=sft.prompt_cfg)
-        t0 = time.perf_counter()
-        before = evaluate_policy(params, model_config, tokenizer, held_out, sandbox, seeds=seeds, cfg=cfg,
-                                 engine=engine, env_factory=env_factory)
-        print(f"[ace] held-out evaluation before RL ({time.perf_counter() - t0:.0f}s): "
-              f"valid {before.metrics['valid_rate']}, reward {before.metrics['mean_reward']}", flush=True)
-        trainer = AceTrainer(tcfg, ccfg, params=params, model_config=model_config, tokenizer=tokenizer,
-                             comps=train_comps, engine=engine, env_factory=env_factory, out_dir=out_dir, mesh=mesh,
-                             progress=bool(cfg.get("progress", True)))
-        t0 = time.perf_counter()
-        trainer.run(resume=bool(cfg["resume"]))
-        print(f"[ace] stage 2 (AceGRPO) {tcfg.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
-        t0 = time.perf_counter()
-        after = evaluate_policy(trainer.learner.params, model_config, tokenizer, held_out, sandbox, seeds=seeds,
-                                cfg=cfg, engine=engine, version=trainer.version, env_factory=env_factory)
-        print(f"[ace] held-out evaluation after RL ({time.perf_counter() - t0:.0f}s)", flush=True)
+                                       prompt_cfg=prompt_config(cfg, policy.prompt_cfg))
+        # One batch row per rollout of a group; evaluation prompts go through in chunks of it.
+        with open_engine(cfg, policy, out_dir, max_batch=tcfg.group_size, mesh=mesh) as run_engine:
+            engine = run_engine.engine
+            t0 = time.perf_counter()
+            before = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, held_out, sandbox,
+                                     seeds=seeds, cfg=cfg, engine=engine, env_factory=env_factory)
+            print(f"[ace] held-out evaluation before RL ({time.perf_counter() - t0:.0f}s): "
+                  f"valid {before.metrics['valid_rate']}, reward {before.metrics['mean_reward']}", flush=True)
+            trainer = AceTrainer(tcfg, ccfg, params=policy.params, model_config=policy.model_config,
+                                 tokenizer=policy.tokenizer, comps=train_comps, engine=engine, env_factory=env_factory,
+                                 out_dir=out_dir, mesh=mesh, progress=bool(cfg.get("progress", True)),
+                                 ref_params=ref_params, after_publish=run_engine.after_publish)
+            t0 = time.perf_counter()
+            trainer.run(resume=bool(cfg["resume"]))
+            print(f"[ace] stage 2 (AceGRPO) {tcfg.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
+            if not run_engine.wait_ready():
+                print("[ace] warning: not every rollout server is back; evaluating on the ones that are", flush=True)
+            t0 = time.perf_counter()
+            after = evaluate_policy(trainer.learner.params, policy.model_config, policy.tokenizer, held_out, sandbox,
+                                    seeds=seeds, cfg=cfg, engine=engine, version=trainer.version,
+                                    env_factory=env_factory)
+            print(f"[ace] held-out evaluation after RL ({time.perf_counter() - t0:.0f}s)", flush=True)
     metrics_path = out_dir / "metrics.jsonl"
     before_m, after_m = before.metrics, after.metrics
     figure = plot_training(read_jsonl(metrics_path), {k: before_m[k].mean for k, _, _ in TABLE_ROWS},
                            {k: after_m[k].mean for k, _, _ in TABLE_ROWS}, out_dir / "training.png")
     summary = {"before": {k: dataclasses.asdict(v) for k, v in before_m.items()},
                "after": {k: dataclasses.asdict(v) for k, v in after_m.items()},
-               "learned": learned(before_m, after_m), "wall_s": time.perf_counter() - t_start}
+               "learned": learned(before_m, after_m), "wall_s": time.perf_counter() - t_start,
+               "final_version": trainer.version}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nHeld-out evaluation ({len(held_out)} competitions x {len(seeds)} seeds, mean ± SE over seeds):")
     print(format_before_after(before_m, after_m))

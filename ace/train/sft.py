@@ -350,8 +350,15 @@ def _base_model_config(cfg_dict: Mapping[str, Any], sft: SFTConfig) -> ModelConf
     return dataclasses.replace(base, **sft.model)
 
 
+def _source_digest(source: str) -> str:
+    """A pretrained folder's identity for the cache key: its path and its files' sizes and times."""
+    folder = Path(source).expanduser()
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
+    return _digest({"path": str(folder.resolve()), "files": files})
+
+
 def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *, cache_root: str | Path,
-                  progress: bool = True) -> SFTResult:
+                  progress: bool = True, train: bool = True, initial: tuple | None = None) -> SFTResult:
     """Stage 1: corpus (real runs), tokenizer, and SFT of the tiny policy, each cached on disk.
 
     Args:
@@ -362,6 +369,10 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
       cache_root: e.g. ~/.cache/ace/sft; the corpus lives in `<root>/<corpus key>/` and the trained
         tokenizer and params in `<root>/<corpus key>/train-<train key>/`, keys being hashes of every
         setting they depend on plus SUITE_VERSION and SFT_FORMAT_VERSION.
+      train: False stops after the tokenizer: the params are the model's random init (RL from scratch).
+      initial: (params, model_config, tokenizer, source) of a pretrained policy (an HF folder) to
+        fine-tune instead of the tiny model: its tokenizer is kept, and `source` (the folder, with
+        its weight files' sizes and times) enters the cache key.
     Returns:
       SFTResult; `corpus_stats` also says whether each part came from the cache.
     """
@@ -369,7 +380,10 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
     seed = int(cfg_dict.get("seed", 0)) if sft.seed is None else sft.seed
     env = dict(cfg_dict.get("env") or {})
     max_steps, exec_timeout_s = int(env.get("max_steps", 4)), float(env.get("exec_timeout_s", 60))
-    base = _base_model_config(cfg_dict, sft)
+    if initial is not None:
+        init_params, base, init_tokenizer, source = initial
+    else:
+        base = _base_model_config(cfg_dict, sft)
     corpus_key = _digest({"format": SFT_FORMAT_VERSION, "suite": SUITE_VERSION, "suite_seed": env.get("suite_seed", 0),
                           "comps": [c.comp_id for c in comps], "scripts_per_comp": sft.scripts_per_comp,
                           "improve_per_comp": sft.improve_per_comp,
@@ -382,7 +396,15 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
                                     prompt_cfg=COMPACT_PROMPT, max_steps=max_steps, exec_timeout_s=exec_timeout_s,
                                     workers=sft.workers)
     corpus_s = time.perf_counter() - t0
-    train_key = _digest({"corpus": corpus_key, "seed": seed, "model": dataclasses.asdict(base),
+    if not train:
+        tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=None, split=sft.tokenizer_split)
+        model_config = dataclasses.replace(base, vocab_size=-(-tokenizer.vocab_size // 64) * 64,
+                                           max_position_embeddings=max(base.max_position_embeddings, sft.max_len))
+        stats = {**corpus_stats(examples), "corpus_s": corpus_s, "tokenizer_vocab": tokenizer.vocab_size,
+                 "trained": False, "model_config": dataclasses.asdict(model_config), "cached_corpus": cached_corpus}
+        return SFTResult(qwen3.init_params(model_config, jax.random.key(seed)), model_config, tokenizer, stats)
+    source_key = None if initial is None else _source_digest(source)
+    train_key = _digest({"corpus": corpus_key, "seed": seed, "model": dataclasses.asdict(base), "source": source_key,
                          **{k: v for k, v in dataclasses.asdict(sft).items() if k not in ("enabled", "workers", "seed")}})
     train_dir = corpus_dir / f"train-{train_key}"
     if (train_dir / "stats.json").is_file():
@@ -394,12 +416,16 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
 
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=corpus_dir))
     try:
-        tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=tmp / "tokenizer",
-                                           split=sft.tokenizer_split)
-        model_config = dataclasses.replace(base, vocab_size=-(-tokenizer.vocab_size // 64) * 64,
-                                           max_position_embeddings=max(base.max_position_embeddings, sft.max_len))
+        if initial is not None:
+            tokenizer, model_config, params = init_tokenizer, base, init_params
+            tokenizer.save(tmp / "tokenizer")
+        else:
+            tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=tmp / "tokenizer",
+                                               split=sft.tokenizer_split)
+            model_config = dataclasses.replace(base, vocab_size=-(-tokenizer.vocab_size // 64) * 64,
+                                               max_position_embeddings=max(base.max_position_embeddings, sft.max_len))
+            params = qwen3.init_params(model_config, jax.random.key(seed))
         tokens, loss_mask = tokenize_examples(tokenizer, examples, max_len=sft.max_len)
-        params = qwen3.init_params(model_config, jax.random.key(seed))
         t1 = time.perf_counter()
         params, history = sft_train(params, model_config, tokens, loss_mask, epochs=sft.epochs,
                                     batch_size=sft.batch_size, lr=sft.lr, seed=seed, warmup_steps=sft.warmup_steps,

@@ -41,7 +41,7 @@ from ace.models.configs import ModelConfig
 from ace.rl import duration_weights, group_advantages
 from ace.rollout.engine import SamplingParams
 from ace.train.episodes import run_lockstep
-from ace.train.learner import LearnerConfig, init_learner, jit_train_step, learner_logprobs, make_batch
+from ace.train.learner import LearnerConfig, init_learner, jit_logprobs, jit_train_step, make_batch, shard_state
 from ace.train.metrics import MetricsLogger, curriculum_metrics, group_metrics
 from ace.train.pool import RolloutPool
 from ace.train.queue import Group, QueueClosed, RolloutQueue, Sample
@@ -59,8 +59,8 @@ class TrainerConfig:
     steps, group_size (G), tasks_per_step (N), micro_batches, lr, warmup_steps, schedule,
     weight_decay, max_grad_norm, advantage, loss_agg, eps_low, eps_high, kl_coef, kl_kind,
     max_staleness, staleness_policy, tis_cap, duration_weighting, stepwise, checkpoint_every,
-    compute_dtype, remat, exec_workers [train.*]; temperature, top_p, top_k, max_new_tokens,
-    max_prompt_tokens, workers [rollout.*]; max_steps, exec_timeout_s, instrument [env.*];
+    compute_dtype, remat, adam_mu_dtype, exec_workers [train.*]; temperature, top_p, top_k, max_new_tokens,
+    max_prompt_tokens, workers, sync_every (push weights every k steps) [rollout.*]; max_steps, exec_timeout_s, instrument [env.*];
     children, sync [ablation.*]; seed.
     """
 
@@ -90,7 +90,9 @@ class TrainerConfig:
     checkpoint_every: int = 10
     compute_dtype: str = "float32"
     remat: bool = False
+    adam_mu_dtype: str | None = None
     exec_workers: int = 2
+    sync_every: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -107,7 +109,7 @@ class TrainerConfig:
                 raise ValueError(f"trainer config {name}={getattr(self, name)!r}: expected {expected}")
 
         for name in ("steps", "group_size", "tasks_per_step", "max_new_tokens", "max_prompt_tokens", "max_steps",
-                     "micro_batches", "checkpoint_every", "exec_workers", "workers"):
+                     "micro_batches", "checkpoint_every", "exec_workers", "workers", "sync_every"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1")
         need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no relative advantage)")
@@ -135,6 +137,7 @@ class TrainerConfig:
         kwargs.update(renamed)
         kwargs.update({k: rollout[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens",
                                                "max_prompt_tokens", "workers")})
+        kwargs["sync_every"] = int(rollout.get("sync_every", 1))
         kwargs.update({k: env[k] for k in ("max_steps", "exec_timeout_s", "instrument")})
         kwargs.update(children=bool(ablation["children"]), sync=bool(ablation["sync"]), seed=int(cfg["seed"]))
         return cls(**kwargs)
@@ -146,7 +149,7 @@ class TrainerConfig:
             max_grad_norm=float(self.max_grad_norm), micro_batches=int(self.micro_batches),
             eps_low=float(self.eps_low), eps_high=float(self.eps_high), agg=self.loss_agg,
             tis_cap=self.tis_cap, kl_coef=float(self.kl_coef), kl_kind=self.kl_kind,
-            compute_dtype=self.compute_dtype, remat=bool(self.remat))
+            compute_dtype=self.compute_dtype, remat=bool(self.remat), mu_dtype=self.adam_mu_dtype)
 
     @property
     def actions_per_rollout(self) -> int:
@@ -197,13 +200,18 @@ class AceTrainer:
       env_factory: `env_factory(comp) -> env` for one rollout (an `ace.env.gym.MLEEnv` by default
         in `make_env_factory`); the trainer closes it after use.
       out_dir: metrics.jsonl, tb/ and checkpoints/ go here.
-      mesh: optional mesh for the learner step.
+      mesh: optional mesh for the learner step; the learner state is placed on it.
       progress: show the console bar.
+      ref_params: the frozen reference policy of the KL term (needed when kl_coef > 0; default:
+        the initial params).
+      after_publish: `after_publish(version, params) -> metrics` runs after each weight push (e.g. checks
+        that every server holds the version and scores a probe sequence like the learner).
     """
 
     def __init__(self, cfg: TrainerConfig, curriculum: CurriculumConfig, *, params: Any, model_config: ModelConfig,
                  tokenizer: Any, comps: Sequence[Any], engine: Any, env_factory: Callable[[Any], Any],
-                 out_dir: str | Path, mesh: jax.sharding.Mesh | None = None, progress: bool = True):
+                 out_dir: str | Path, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                 ref_params: Any = None, after_publish: Callable[[int, Any], Mapping[str, float]] | None = None):
         if not comps:
             raise ValueError("AceTrainer needs at least one training competition")
         if curriculum.capacity < len(comps):
@@ -221,7 +229,8 @@ class AceTrainer:
         self.sampler = get_sampler(curriculum.sampler)
         self.lcfg = cfg.learner_config()
         self._train_step = jit_train_step(self.lcfg, model_config, mesh)
-        self._old_logp = jax.jit(functools.partial(learner_logprobs, config=self.lcfg, model_config=model_config))
+        self._old_logp = jit_logprobs(self.lcfg, model_config, mesh)
+        self.after_publish = after_publish
         self._potential = jax.jit(functools.partial(
             learnability, potential=curriculum.potential, optimistic_value=curriculum.optimistic_value))
         self.rows_per_batch = self._round_up(cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout,
@@ -234,6 +243,15 @@ class AceTrainer:
         key = jax.random.PRNGKey(cfg.seed)
         learner_key, self.key = jax.random.split(key)
         self.learner = init_learner(params, self.lcfg, learner_key)
+        if mesh is not None:
+            self.learner = shard_state(self.learner, self.lcfg, model_config, mesh)
+        # The KL reference stays frozen for the whole run (a compute-dtype copy, as the dry run counts).
+        self.ref_params = None
+        if cfg.kl_coef > 0:
+            src = params if ref_params is None else ref_params
+            dtype = jnp.dtype(cfg.compute_dtype)
+            self.ref_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                           src)
         self.table, self.store = self._initial_curriculum()
         self.step = 0
         self.version = int(engine.weight_version)
@@ -380,6 +398,8 @@ class AceTrainer:
                            sample_weights=np.asarray(row_w + [0.0] * pad, np.float32))
         if not self._rollout_logp_is_learner_logp:
             batch = batch.replace(old_logp=self._old_logp(self.learner.params, batch))
+        if self.ref_params is not None:
+            batch = batch.replace(ref_logp=self._old_logp(self.ref_params, batch))
         self.learner, metrics = self._train_step(self.learner, batch)
         out = {k: float(v) for k, v in jax.device_get(metrics).items()}
         out["learner_rows"] = float(len(rows))
@@ -391,6 +411,23 @@ class AceTrainer:
         dtype = self.model_config.param_dtype
         return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             self.learner.params)
+
+    def _publish(self, push: Callable[[Any, int], None]) -> dict[str, float]:
+        """Pushes the new weights as version `self.version + 1` every `sync_every` steps (and at the
+        last step); returns the push's metrics (time, engine and after-publish checks)."""
+        version = self.version + 1
+        if (self.step + 1) % self.cfg.sync_every and self.step + 1 != self.cfg.steps:
+            return {"weight_push_s": 0.0}
+        t0 = time.perf_counter()
+        params = self._policy_params()
+        push(params, version)
+        out = {"weight_push_s": time.perf_counter() - t0, "engine_version": float(version)}
+        stats = getattr(self.engine, "stats", None)
+        if isinstance(stats, Mapping):
+            out.update({f"engine_{k}": float(v) for k, v in stats.items()})
+        if self.after_publish is not None:
+            out.update({k: float(v) for k, v in self.after_publish(version, params).items()})
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_state(self) -> dict:
@@ -470,9 +507,9 @@ class AceTrainer:
             metrics = self._group_metrics(groups)
             t1 = time.perf_counter()
             metrics.update(self._learn(groups, np.ones(len(groups), np.float32), np.zeros(len(groups), bool)))
-            self.engine.update_weights(self._policy_params(), self.version + 1)
+            metrics.update(self._publish(self.engine.update_weights))
             t_learn = time.perf_counter() - t1
-            metrics.update(rollout_time_s=t_roll, learner_time_s=t_learn, staleness_mean=0.0,
+            metrics.update(rollout_time_s=t_roll, learner_time_s=t_learn, staleness_mean=0.0, staleness_max=0.0,
                            learner_idle_fraction=t_roll / max(t_roll + t_learn, 1e-9),
                            tokens_per_s=metrics["rollout_tokens"] / max(t_roll, 1e-9))
             history.append(self._after_step(ckpt, logger, metrics, t0, tasks))
@@ -517,10 +554,11 @@ class AceTrainer:
                 metrics = self._group_metrics(batch.groups)
                 t1 = time.perf_counter()
                 metrics.update(self._learn(batch.groups, np.asarray(batch.staleness_weight), np.asarray(batch.is_stale)))
-                pool.publish(self._policy_params(), self.version + 1)
+                metrics.update(self._publish(pool.publish))
                 qm = queue.metrics()
                 metrics.update(learner_time_s=time.perf_counter() - t1, learner_wait_s=t_wait,
                                staleness_mean=float(np.mean(batch.staleness)),
+                               staleness_max=float(np.max(batch.staleness)),
                                dropped_stale=qm["dropped_stale"], learner_idle_fraction=qm["learner_idle_fraction"],
                                tokens_per_s=metrics["rollout_tokens"] / max(time.perf_counter() - t_prev, 1e-9))
                 t_prev = time.perf_counter()

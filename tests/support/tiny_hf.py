@@ -23,14 +23,14 @@ TOKENIZER_CORPUS = [
 
 
 def tiny_qwen3_config(*, moe: bool, tie_word_embeddings: bool = False, norm_topk_prob: bool = True,
-                      vocab_size: int = 96, num_layers: int = 2):
+                      vocab_size: int = 96, num_layers: int = 2, max_position_embeddings: int = 256):
     """A transformers Qwen3Config / Qwen3MoeConfig; head_dim 16 != hidden/heads, like Qwen3-30B-A3B."""
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, intermediate_size=48, rms_norm_eps=1e-6,
-        max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         attn_implementation="eager",
     )

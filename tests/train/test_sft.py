@@ -209,3 +209,41 @@ def test_sft_seed_decouples_stage_one_from_the_run_seed(stage, comps):
     again = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False)
     assert again.corpus_stats["cached_params"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again.params, result.params)
+
+
+def test_sft_disabled_gives_the_random_init_with_the_corpus_tokenizer(stage, comps):
+    """sft.enabled=false without an HF folder: RL from the tiny model's own random init."""
+    from ace.models.qwen3 import init_params
+
+    root, result, _ = stage
+    fresh = sft.run_sft_stage(CFG, comps, RefusingSandbox(), cache_root=root, progress=False, train=False)
+    assert fresh.model_config == result.model_config and not fresh.corpus_stats["trained"]
+    assert fresh.tokenizer.vocab_size == result.tokenizer.vocab_size
+    want = init_params(fresh.model_config, jax.random.key(CFG["seed"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fresh.params, want)
+
+
+def test_sft_on_top_of_an_hf_policy_keeps_its_tokenizer_and_config(stage, comps, tmp_path):
+    """model.hf_path with sft.enabled=true: the pretrained params are fine-tuned on the same corpus."""
+    from ace.models.hf import load_hf_params
+    from ace.models.tokenizer import Tokenizer
+    from tests.support.tiny_hf import save_tiny_qwen3, save_tiny_tokenizer
+
+    root, _, examples = stage
+    folder = tmp_path / "hf"
+    tok = save_tiny_tokenizer(folder)
+    save_tiny_qwen3(folder, moe=True, vocab_size=tok.vocab_size)
+    params, config = load_hf_params(folder)
+    tokenizer = Tokenizer.from_dir(folder)
+    cfg = {**CFG, "sft": {**CFG["sft"], "max_len": 8192}}
+    tokens, mask = sft.tokenize_examples(tokenizer, examples, max_len=8192)
+    before = _numpy_action_ce(params, config, tokens[:4], mask[:4])
+    out = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False,
+                            initial=(params, config, tokenizer, str(folder)))
+    assert out.model_config == config and out.tokenizer.vocab_size == tokenizer.vocab_size
+    assert out.tokenizer.encode("import pandas") == tokenizer.encode("import pandas")
+    after = _numpy_action_ce(out.params, config, tokens[:4], mask[:4])
+    assert after < before, (before, after)
+    again = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False,
+                              initial=(params, config, tokenizer, str(folder)))
+    assert again.corpus_stats["cached_params"]

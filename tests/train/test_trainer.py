@@ -239,3 +239,33 @@ def test_plot_training_writes_a_png(tmp_path):
     out = plot_training(records, {"valid_rate": 0.1}, {"valid_rate": 0.3}, tmp_path / "f.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(records)
+
+
+def test_kl_reference_sharded_learner_sync_every_and_after_publish(tmp_path, params, tokenizer):
+    """kl_coef > 0 keeps a frozen reference (the initial params); the learner state lives on the mesh;
+    weights go out every `sync_every` steps and at the last one, each push followed by the hook."""
+    from ace.models.sharding import make_mesh
+
+    mesh = make_mesh({"fsdp": -1})
+    pushes = []
+
+    def after_publish(version, pushed):
+        pushes.append(version)
+        return {"hook_param_sum": float(sum(np.sum(np.asarray(x)) for x in jax.tree.leaves(pushed)))}
+
+    cfg = _cfg(steps=3, kl_coef=0.05, kl_kind="k3", sync_every=2)
+    engine = JaxSampler(params, MODEL, max_batch=cfg.group_size, max_prompt_len=PROMPT_TOKENS,
+                        max_new_tokens=NEW_TOKENS, prompt_buckets=(), seed=0)
+    trainer = AceTrainer(cfg, CURRICULUM, params=params, model_config=MODEL, tokenizer=tokenizer, comps=COMPS,
+                         engine=engine, env_factory=ToyEnv, out_dir=tmp_path, progress=False, mesh=mesh,
+                         after_publish=after_publish)
+    assert all(x.sharding.num_devices == len(jax.devices()) for x in jax.tree.leaves(trainer.learner.params))
+    history = trainer.run()
+    # Step 1 trains the reference itself: KL 0 (to rounding). Afterwards the policy has moved away from it.
+    assert abs(history[0]["kl"]) < 1e-10 and history[2]["kl"] > 1e-8
+    for a, b in zip(jax.tree.leaves(trainer.ref_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert pushes == [2, 3] and engine.weight_version == 3
+    assert history[0]["weight_push_s"] == 0.0 and "hook_param_sum" in history[1] and "hook_param_sum" in history[2]
+    want = float(sum(np.sum(np.asarray(x, np.float32)) for x in jax.tree.leaves(trainer.learner.params)))
+    assert history[2]["hook_param_sum"] == pytest.approx(want, rel=1e-5)
