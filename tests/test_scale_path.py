@@ -164,7 +164,7 @@ def test_the_cpu_job_runs_with_an_sglang_server_from_a_fresh_init(tmp_path, sgla
             "rollout.check_logprobs=true", f"out_dir={out_dir}", "progress=false",
             f"sft.cache_dir={tmp_path / 'sft-cache'}"]
     text = _finish(_start(args, log), log)
-    assert "policy ready (init)" in text and "1 SGLang server(s) on the CPU" in text
+    assert "policy (init) ready" in text and "1 SGLang server(s) on the CPU" in text
     assert "Held-out evaluation (1 competitions x 1 seeds" in text
     rows = _rows(out_dir)
     assert [r["step"] for r in rows] == [1, 2]

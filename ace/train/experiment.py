@@ -1,9 +1,12 @@
-"""The main job: suite → SFT (stage 1) → held-out eval → AceGRPO (stage 2) → held-out eval → report.
+"""The experiment at every scale: competitions → policy → held-out eval → AceGRPO → held-out eval → report.
 
-`run_experiment(cfg)` is what `python experiments/run.py` calls with the composed Hydra config. It
-prints the before/after table of the held-out metrics with the change, and writes a PNG of the
-training curves and the before/after bars beside metrics.jsonl. `evaluate_policy` is the
-evaluation used before and after RL and by `experiments/eval.py`.
+`run_experiment(cfg)` is what `python experiments/run.py` calls with the composed Hydra config, for
+the tiny CPU job and for `+exp=ace30b` alike; only the config picks the parts (the competitions:
+`load_competitions`; the policy: `ace.train.policy`; the rollout engine: `ace.train.engines`; the
+learner's devices: `ace.train.devices`). It prints the before/after table of the held-out metrics
+with the change, and writes a PNG of the training curves and the before/after bars beside
+metrics.jsonl. `evaluate_policy` is the evaluation used before and after RL and by
+`experiments/eval.py`.
 """
 from __future__ import annotations
 
@@ -260,7 +263,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         policy = load_policy(cfg, train_comps, sandbox, mesh=mesh, progress=bool(cfg.get("progress", True)))
         shown = {k: v for k, v in policy.stats.items() if k not in ("history", "model_config")}
-        print(f"[ace] policy ready ({policy.source}) in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
+        what = "stage 1 (SFT)" if policy.source == "sft" else f"policy ({policy.source})"
+        print(f"[ace] {what} ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
         _save_run_policy_files(out_dir, policy)
         ref_params = None
         if tcfg.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
