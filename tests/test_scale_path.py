@@ -174,3 +174,53 @@ def test_the_cpu_job_runs_with_an_sglang_server_from_a_fresh_init(tmp_path, sgla
     status = json.loads((out_dir / "rollout" / "servers.json").read_text())
     assert status["router"] is None and len(status["servers"]) == 1  # one server: no router in between
     assert _gone(status["servers"][0]["pid"])
+
+
+def _start_process(args: list[str], log: Path, *, process_id: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1",
+           "JAX_PLATFORMS": "cpu"}
+    dist = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+            f"distributed.process_id={process_id}"]
+    return subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *args, *dist], cwd=REPO, env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def test_two_processes_train_one_global_mesh_and_resume(inputs, sglang_python, tmp_path):
+    """A multi-host run rehearsed on one machine: two JAX processes of 4 CPU devices each (gloo
+    collectives) hold one fsdp 2 x expert 4 mesh, fsdp spanning the processes. Process 0 alone
+    launches the server and rolls out; the weights it pushes are gathered from both processes, and
+    the server's logprobs of the probe must equal the learner's. A second launch resumes."""
+    from ace.rollout.sglang_server import find_free_port
+
+    _, policy, data = inputs
+    out_dir = tmp_path / "run"
+
+    def launch(steps: int, resume: bool, tag: str) -> list[str]:
+        args = _overrides(out_dir, policy, data, sglang_python, steps=steps, resume=resume)
+        args = [a for a in args if not a.startswith(("mesh.devices=", "rollout.num_servers="))]
+        args += ["mesh.devices=-1", "rollout.num_servers=1"]
+        port = find_free_port()
+        logs = [tmp_path / f"{tag}_p{i}.log" for i in range(2)]
+        procs = [_start_process(args, logs[i], process_id=i, port=port) for i in range(2)]
+        texts = []
+        for proc, log in zip(procs, logs):
+            try:
+                texts.append(_finish(proc, log))
+            except BaseException:
+                for p in procs:
+                    p.kill()
+                raise
+        return texts
+
+    lead, follower = launch(2, False, "run1")
+    assert "8 cpu device(s) (data=1 x fsdp=2 x expert=4 x tensor=1, 2 hosts)" in lead
+    assert "Held-out evaluation (3 competitions x 1 seeds" in lead and "Held-out" not in follower
+    rows = _rows(out_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["servers_at_version"] == 1 and r["server0_version"] == r["step"]
+        assert r["probe_logprob_max_diff"] <= LOGPROB_ATOL, r["probe_logprob_max_diff"]
+    lead, _ = launch(3, True, "run2")
+    rows = _rows(out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["server0_version"] == 3 and rows[-1]["probe_logprob_max_diff"] <= LOGPROB_ATOL

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from ace.models.configs import ModelConfig
 from ace.models.qwen3 import abstract_params
+from ace.models.sharding import to_host
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -291,12 +292,13 @@ class _LayerSlices:
         self._cache: dict[LeafPath, np.ndarray] = {}
 
     def get(self, leaf: LeafPath, index: tuple[int, ...]) -> np.ndarray:
+        # `to_host` gathers a slice spread over several hosts (collective: every process exports).
         if not index:
-            return np.asarray(jax.device_get(self._leaves[leaf]))
+            return to_host(self._leaves[leaf])
         if index[0] != self._layer:
             self._layer, self._cache = index[0], {}
         if leaf not in self._cache:
-            self._cache[leaf] = np.asarray(jax.device_get(self._leaves[leaf][index[0]]))
+            self._cache[leaf] = to_host(self._leaves[leaf][index[0]])
         return self._cache[leaf][index[1:]]
 
 
@@ -329,19 +331,24 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, path: str | os.PathLik
       max_shard_bytes: start a new shard when the next tensor would pass this size.
       tokenizer: optional `ace.models.tokenizer.Tokenizer` to save into the same folder.
       overwrite: replace existing safetensors files in `path`; without it they raise.
+    With several JAX processes, all of them must call this (slices spread over hosts are gathered)
+    and only process 0 writes; `path` is not used on the others.
     Returns:
       The shard file names written.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     leaves = _check_params(params, config)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    old = sorted(p.name for p in path.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
-    if old and not overwrite:
-        raise FileExistsError(f"{path} already holds {old}; pass overwrite=True to replace them")
-    for name in old:
-        (path / name).unlink()
+    # With several JAX processes every one gathers the slices (collective) and process 0 writes.
+    writer = jax.process_index() == 0
+    if writer:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        old = sorted(p.name for p in path.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
+        if old and not overwrite:
+            raise FileExistsError(f"{path} already holds {old}; pass overwrite=True to replace them")
+        for name in old:
+            (path / name).unlink()
 
     specs = _tensor_specs(config)
     itemsizes = {leaf: np.dtype(a.dtype).itemsize for leaf, a in leaves.items()}
@@ -357,8 +364,11 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, path: str | os.PathLik
             tensors[spec.name] = np.ascontiguousarray(spec.to_hf(slices.get(target.leaf, target.index)))
             weight_map[spec.name] = file
             total += tensors[spec.name].nbytes
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        if writer:
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
         del tensors
+    if not writer:
+        return files
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -152,3 +152,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any]
         return x
     spec = logical_to_spec(axes, dict(mesh.shape), x.shape, rules)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The full value of an array as NumPy. A global array spread over other hosts' devices is
+    gathered, which is collective: every process must call this for the same array, in order."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -3,7 +3,9 @@
 Called once at start-up, before anything touches a JAX backend:
   * `init_distributed(cfg)` joins a multi-host run through `jax.distributed.initialize()` when the
     `distributed:` section asks for it, or (`enabled: auto`) when the launcher set the usual
-    variables (JAX_COORDINATOR_ADDRESS, or SLURM / Open MPI on more than one task);
+    variables (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID, or SLURM / Open MPI
+    on more than one task); every process then runs the same flow, process 0 in control
+    (`ace.train.multihost`);
   * `restrict_learner_gpus(cfg)` makes only `learner.gpus` visible to JAX, so that the GPUs named in
     `rollout.gpus` stay free for the SGLang servers (JAX would otherwise claim memory on all);
   * `learner_mesh(cfg)` builds the mesh from `mesh:` (the rules table maps logical axes onto it) over
@@ -47,8 +49,15 @@ def init_distributed(cfg: Mapping[str, Any]) -> bool:
     if not _wants_distributed(dcfg):
         return False
     kwargs = {k: dcfg[k] for k in ("coordinator_address", "num_processes", "process_id") if dcfg.get(k) is not None}
+    # JAX reads JAX_COORDINATOR_ADDRESS itself (and SLURM / Open MPI); the count and rank it does not.
+    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and os.environ.get(var):
+            kwargs[key] = int(os.environ[var])
     if "local_device_ids" in dcfg and dcfg["local_device_ids"] is not None:
         kwargs["local_device_ids"] = list(parse_device_list(dcfg["local_device_ids"], key="distributed.local_device_ids"))
+    if count_host_gpus() == 0 and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
+        # CPU processes (a laptop rehearsal of a multi-host run) exchange collectives through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     return True
 

@@ -21,8 +21,9 @@ import numpy as np
 
 from ace.models.hf import save_hf_checkpoint
 from ace.models.logprobs import model_token_logprobs
-from ace.models.sharding import use_mesh
+from ace.models.sharding import to_host, use_mesh
 from ace.rollout.engine import RolloutEngine
+from ace.train.multihost import put_global
 
 # The probe: a fixed text scored after every push when rollout.check_logprobs is on.
 PROBE_TEXT = ("import pandas as pd\nfrom sklearn.linear_model import LogisticRegression\n"
@@ -72,9 +73,9 @@ def hf_exporter(model_config: Any, tokenizer: Any, source_dir: Path | None) -> C
     """`exporter(params, folder)`: the params as an HF folder with the tokenizer (and, for a policy
     read from an HF folder, its generation_config.json, which SGLang reads for stop tokens)."""
 
-    def export(params: Any, path: Path) -> None:
+    def export(params: Any, path: Path | None) -> None:
         save_hf_checkpoint(params, model_config, path, tokenizer=tokenizer, overwrite=True)
-        if source_dir is not None and (source_dir / "generation_config.json").is_file():
+        if path is not None and source_dir is not None and (source_dir / "generation_config.json").is_file():
             shutil.copy2(source_dir / "generation_config.json", path / "generation_config.json")
 
     return export
@@ -89,12 +90,12 @@ def _probe_logprobs(model_config: Any, mesh: jax.sharding.Mesh | None):
         return lp
 
     def run(params, tokens: np.ndarray) -> np.ndarray:
-        x = jnp.asarray(tokens[None], jnp.int32)
+        x = np.asarray(tokens[None], np.int32)
         if mesh is None:
-            return np.asarray(score(params, x))[0, :-1]
-        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            return np.asarray(score(params, jnp.asarray(x)))[0, :-1]
+        x = put_global(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         with use_mesh(mesh):
-            return np.asarray(score(params, x))[0, :-1]
+            return to_host(score(params, x))[0, :-1]
 
     return run
 
@@ -164,6 +165,27 @@ def open_engine(cfg: Mapping[str, Any], policy: Any, out_dir: str | Path, *, max
         pool.close()
         raise
     return RunEngine(pool.engine, hook, pool)
+
+
+def open_mirror_engine(cfg: Mapping[str, Any], policy: Any, out_dir: str | Path, *, max_batch: int,
+                       mesh: jax.sharding.Mesh | None = None, initial_version: int = 0) -> RunEngine:
+    """`open_engine` on a non-controller process of a multi-process run: no servers, but every export
+    and learner-side check the controller's engine does is mirrored, since they are collective."""
+    from ace.train.multihost import MirrorEngine
+
+    exporter = hf_exporter(policy.model_config, policy.tokenizer, policy.hf_dir)
+    if not (policy.source == "hf" and initial_version == 0):
+        exporter(_model_dtype(policy.params, policy.model_config), None)  # the controller's initial export
+    hook = None
+    if cfg["rollout"].get("check_logprobs"):
+        probe = np.asarray(policy.tokenizer.encode(PROBE_TEXT)[:PROBE_TOKENS], np.int32)
+        learner_lp = _probe_logprobs(policy.model_config, mesh)
+
+        def hook(version: int, params: Any) -> dict[str, float]:
+            learner_lp(params, probe)
+            return {}
+
+    return RunEngine(MirrorEngine(exporter, initial_version=initial_version), hook)
 
 
 def _model_dtype(params: Any, model_config: Any) -> Any:

@@ -10,6 +10,8 @@ metrics.jsonl. `evaluate_policy` is the evaluation used before and after RL and 
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
 import json
 import math
@@ -163,6 +165,19 @@ def learned(before: Mapping[str, MeanSE], after: Mapping[str, MeanSE]) -> bool:
     return better("mean_reward") and (better("valid_rate") or better("any_medal_rate"))
 
 
+def check_multi_process(cfg: Mapping[str, Any]) -> None:
+    """The combinations a multi-process run cannot take, refused with the key to change."""
+    if jax.process_count() == 1:
+        return
+    if cfg["rollout"]["kind"] != "sglang":
+        raise ValueError(f"{jax.process_count()} JAX processes: rollout.kind={cfg['rollout']['kind']!r} runs "
+                         "inside one process; use rollout.kind=sglang (servers fed by the controller)")
+    if (cfg.get("sft") or {}).get("enabled", True):
+        raise ValueError(f"{jax.process_count()} JAX processes: stage-1 SFT (sft.enabled=true) runs in one "
+                         "process; run it on one host, export the policy, and start RL from it with "
+                         "model.hf_path=<export> sft.enabled=false")
+
+
 def load_competitions(cfg: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
     """(training, held-out) competitions of `env.kind` (builtin | mlebench), cut to the first
     `train.competitions` / `eval.competitions` when those are set. Fails before any other work when
@@ -229,7 +244,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from ace.curriculum import CurriculumConfig
     from ace.env.sandbox import make_sandbox
     from ace.train.devices import describe_split, init_distributed, learner_mesh, restrict_learner_gpus
-    from ace.train.engines import open_engine
+    from ace.train.engines import open_engine, open_mirror_engine
+    from ace.train.multihost import barrier, is_controller
     from ace.train.policy import check_hf_folder, load_policy
     from ace.train.trainer import AceTrainer, TrainerConfig, make_env_factory
 
@@ -245,27 +261,28 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         from ace.rollout.sglang_pool import SGLangPoolConfig
         SGLangPoolConfig.from_cfg(cfg["rollout"])
     learner_gpus = restrict_learner_gpus(cfg)
-    if init_distributed(cfg) and jax.process_count() > 1:
-        # The loop is single-controller today: every process would launch its own servers and
-        # sandboxes. Refuse rather than train N diverging copies (docs: README, "several hosts").
-        raise NotImplementedError(
-            f"{jax.process_count()} JAX processes joined, but the AceGRPO loop runs on one controller "
-            "process; run the learner on one host (learner.gpus) with the rollout servers anywhere "
-            "(rollout.urls / rollout.router_url)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if init_distributed(cfg):
+        check_multi_process(cfg)
+    # Several processes (hosts): all run this same flow over one global mesh; the controller
+    # (process 0) alone rolls out, evaluates, prints and writes (see ace.train.multihost).
+    controller = is_controller()
+    say = builtins.print if controller else (lambda *a, **k: None)
+    if controller:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     mesh = learner_mesh(cfg)
     seeds = [int(s) for s in cfg["eval"]["seeds"]]
-    print(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions ({cfg['env']['kind']}); "
+    say(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions ({cfg['env']['kind']}); "
           f"output in {out_dir}", flush=True)
-    print(describe_split(mesh, cfg, learner_gpus), flush=True)
-    with make_sandbox(cfg["env"]["sandbox"]) as sandbox:
+    say(describe_split(mesh, cfg, learner_gpus), flush=True)
+    with (make_sandbox(cfg["env"]["sandbox"]) if controller else contextlib.nullcontext()) as sandbox:
         t0 = time.perf_counter()
         policy = load_policy(cfg, train_comps, sandbox, mesh=mesh, progress=bool(cfg.get("progress", True)))
         shown = {k: v for k, v in policy.stats.items() if k not in ("history", "model_config")}
         what = "stage 1 (SFT)" if policy.source == "sft" else f"policy ({policy.source})"
-        print(f"[ace] {what} ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
-        _save_run_policy_files(out_dir, policy)
+        say(f"[ace] {what} ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
+        if controller:
+            _save_run_policy_files(out_dir, policy)
         ref_params = None
         if tcfg.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
             from ace.models.hf import load_hf_params
@@ -276,27 +293,36 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                        exec_timeout_s=tcfg.exec_timeout_s, instrument=tcfg.instrument,
                                        prompt_cfg=prompt_config(cfg, policy.prompt_cfg))
         # One batch row per rollout of a group; evaluation prompts go through in chunks of it.
-        with open_engine(cfg, policy, out_dir, max_batch=tcfg.group_size, mesh=mesh) as run_engine:
+        opener = open_engine if controller else open_mirror_engine
+        with opener(cfg, policy, out_dir, max_batch=tcfg.group_size, mesh=mesh) as run_engine:
             engine = run_engine.engine
             t0 = time.perf_counter()
-            before = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, held_out, sandbox,
-                                     seeds=seeds, cfg=cfg, engine=engine, env_factory=env_factory)
-            print(f"[ace] held-out evaluation before RL ({time.perf_counter() - t0:.0f}s): "
-                  f"valid {before.metrics['valid_rate']}, reward {before.metrics['mean_reward']}", flush=True)
+            before = (evaluate_policy(policy.params, policy.model_config, policy.tokenizer, held_out, sandbox,
+                                      seeds=seeds, cfg=cfg, engine=engine, env_factory=env_factory)
+                      if controller else None)
+            if controller:
+                say(f"[ace] held-out evaluation before RL ({time.perf_counter() - t0:.0f}s): "
+                    f"valid {before.metrics['valid_rate']}, reward {before.metrics['mean_reward']}", flush=True)
             trainer = AceTrainer(tcfg, ccfg, params=policy.params, model_config=policy.model_config,
                                  tokenizer=policy.tokenizer, comps=train_comps, engine=engine, env_factory=env_factory,
                                  out_dir=out_dir, mesh=mesh, progress=bool(cfg.get("progress", True)),
                                  ref_params=ref_params, after_publish=run_engine.after_publish)
             t0 = time.perf_counter()
             trainer.run(resume=bool(cfg["resume"]))
-            print(f"[ace] stage 2 (AceGRPO) {tcfg.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
+            say(f"[ace] stage 2 (AceGRPO) {tcfg.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
             if not run_engine.wait_ready():
-                print("[ace] warning: not every rollout server is back; evaluating on the ones that are", flush=True)
+                say("[ace] warning: not every rollout server is back; evaluating on the ones that are", flush=True)
             t0 = time.perf_counter()
+            barrier("evaluation")
+            if not controller:
+                # The controller's evaluation pushes the final weights if they are newer: mirror it.
+                if trainer.version > engine.weight_version:
+                    engine.update_weights(trainer.learner.params, trainer.version)
+                return {"out_dir": out_dir, "process": jax.process_index()}
             after = evaluate_policy(trainer.learner.params, policy.model_config, policy.tokenizer, held_out, sandbox,
                                     seeds=seeds, cfg=cfg, engine=engine, version=trainer.version,
                                     env_factory=env_factory)
-            print(f"[ace] held-out evaluation after RL ({time.perf_counter() - t0:.0f}s)", flush=True)
+            say(f"[ace] held-out evaluation after RL ({time.perf_counter() - t0:.0f}s)", flush=True)
     metrics_path = out_dir / "metrics.jsonl"
     before_m, after_m = before.metrics, after.metrics
     figure = plot_training(read_jsonl(metrics_path), {k: before_m[k].mean for k, _, _ in TABLE_ROWS},
@@ -306,9 +332,9 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
                "learned": learned(before_m, after_m), "wall_s": time.perf_counter() - t_start,
                "final_version": trainer.version}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nHeld-out evaluation ({len(held_out)} competitions x {len(seeds)} seeds, mean ± SE over seeds):")
-    print(format_before_after(before_m, after_m))
-    print(f"\nlearned (reward up and valid or medal rate up): {summary['learned']}")
-    print(f"metrics: {metrics_path}\nfigure:  {figure}\ntotal time: {summary['wall_s']:.0f}s", flush=True)
+    say(f"\nHeld-out evaluation ({len(held_out)} competitions x {len(seeds)} seeds, mean ± SE over seeds):")
+    say(format_before_after(before_m, after_m))
+    say(f"\nlearned (reward up and valid or medal rate up): {summary['learned']}")
+    say(f"metrics: {metrics_path}\nfigure:  {figure}\ntotal time: {summary['wall_s']:.0f}s", flush=True)
     return {"before": before_m, "after": after_m, "learned": summary["learned"], "metrics_path": metrics_path,
             "figure_path": figure, "out_dir": out_dir}

@@ -397,6 +397,14 @@ def batch_shardings(batch: Batch, mesh: jax.sharding.Mesh, rules=RULES) -> Batch
     return Batch(**{f.name: one(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
+def place_batch(batch: Batch, mesh: jax.sharding.Mesh, rules=RULES) -> Batch:
+    """The batch on `mesh` by `batch_shardings`; host arrays become global arrays when the mesh spans
+    several processes (each of which passes the same batch)."""
+    from ace.train.multihost import put_global
+
+    return jax.tree.map(put_global, batch, batch_shardings(batch, mesh, rules))
+
+
 def jit_train_step(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh | None = None, *,
                    rules=RULES, donate: bool = False) -> Callable[[LearnerState, Batch], tuple[LearnerState, dict]]:
     """`train_step` jitted once; with a mesh, state in/out shardings come from the rules table.
@@ -414,7 +422,7 @@ def jit_train_step(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.shar
                      donate_argnums=(0,) if donate else ())
 
     def run(state: LearnerState, batch: Batch):
-        batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
+        batch = place_batch(batch, mesh, rules)
         with use_mesh(mesh):
             return jitted(state, batch)
 
@@ -430,7 +438,7 @@ def jit_logprobs(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.shardi
         return fn
 
     def run(params: Any, batch: Batch) -> jax.Array:
-        batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
+        batch = place_batch(batch, mesh, rules)
         with use_mesh(mesh):
             return fn(params, batch)
 
@@ -439,5 +447,8 @@ def jit_logprobs(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.shardi
 
 def shard_state(state: LearnerState, cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                 rules=RULES) -> LearnerState:
-    """Places a LearnerState on `mesh` with `state_shardings`."""
-    return jax.device_put(state, state_shardings(cfg, model_config, mesh, rules))
+    """Places a LearnerState on `mesh` with `state_shardings` (host or local leaves become global
+    arrays when the mesh spans several processes)."""
+    from ace.train.multihost import put_global
+
+    return jax.tree.map(put_global, state, state_shardings(cfg, model_config, mesh, rules))

@@ -43,6 +43,8 @@ from ace.rollout.engine import SamplingParams
 from ace.train.episodes import run_lockstep
 from ace.train.learner import LearnerConfig, init_learner, jit_logprobs, jit_train_step, make_batch, shard_state
 from ace.train.metrics import MetricsLogger, curriculum_metrics, group_metrics
+from ace.train.multihost import (barrier, broadcast_object, is_controller, localize, multi_process, replicate,
+                                tree_to_host)
 from ace.train.pool import RolloutPool
 from ace.train.queue import Group, QueueClosed, RolloutQueue, Sample
 
@@ -401,7 +403,7 @@ class AceTrainer:
         if self.ref_params is not None:
             batch = batch.replace(ref_logp=self._old_logp(self.ref_params, batch))
         self.learner, metrics = self._train_step(self.learner, batch)
-        out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        out = {k: float(v) for k, v in tree_to_host(metrics).items()}
         out["learner_rows"] = float(len(rows))
         out["stale_groups"] = float(np.sum(stale))
         return out
@@ -426,11 +428,18 @@ class AceTrainer:
         if isinstance(stats, Mapping):
             out.update({f"engine_{k}": float(v) for k, v in stats.items()})
         if self.after_publish is not None:
+            # The controller was loading the servers while the others went on: meet before the hook.
+            barrier("after-publish")
             out.update({k: float(v) for k, v in self.after_publish(version, params).items()})
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_state(self) -> dict:
+        if multi_process():
+            # Every process saves the same tree of global arrays: the table and key, identical on
+            # every process, are saved as arrays replicated over the learner's mesh.
+            return {"learner": self.learner, "table": replicate(self.table, self.mesh),
+                    "key": replicate(self.key, self.mesh)}
         return {"learner": self.learner, "table": self.table, "key": self.key}
 
     def save(self, ckpt: Checkpointer) -> None:
@@ -445,6 +454,8 @@ class AceTrainer:
         target = jax.tree.map(lambda x: x.sharding, self._ckpt_state())
         state, meta = ckpt.restore(target_shardings=target)
         self.learner, self.table, self.key = state["learner"], state["table"], state["key"]
+        if multi_process():
+            self.table, self.key = localize(self.table), localize(self.key)
         self.store = TaskStore.from_state_dict(meta["store"])
         self.store.check_consistent(self.table)
         self.step, self.version = int(meta["step"]), int(meta["version"])
@@ -460,14 +471,16 @@ class AceTrainer:
           resume: continue from the latest checkpoint under out_dir/checkpoints, if any.
           stop_after: return after this many steps of this call (simulates a killed run in tests).
         """
+        barrier("trainer-run")  # the controller may still be starting servers or evaluating
         ckpt = Checkpointer(self.out_dir / "checkpoints", max_to_keep=2)
         try:
             if resume:
                 self.restore(ckpt)
             if self.step >= self.cfg.steps:
                 return []
-            with MetricsLogger(self.out_dir, total_steps=self.cfg.steps, start_step=self.step,
-                               progress=self.progress) as logger:
+            logger = (MetricsLogger(self.out_dir, total_steps=self.cfg.steps, start_step=self.step,
+                                    progress=self.progress) if is_controller() else _NoLogger())
+            with logger:
                 loop = self._run_sync if self.cfg.sync else self._run_async
                 return loop(ckpt, logger, stop_after)
         finally:
@@ -486,6 +499,20 @@ class AceTrainer:
             self.save(ckpt)
         return metrics
 
+    def _follow_async(self, ckpt: Checkpointer, logger: Any, stop_after: int | None) -> list[dict]:
+        """The asynchronous loop on a non-controller process: each step takes the groups (and the
+        key the controller's workers advanced) from the controller, then does what it does."""
+        history = []
+        while self.step < self.cfg.steps and (stop_after is None or len(history) < stop_after):
+            t0 = time.perf_counter()
+            groups, task_list, weights, stale, key = broadcast_object(None)
+            self.key = jnp.asarray(key)
+            self._apply_groups(groups, {id(g): t for g, t in zip(groups, task_list)})
+            metrics = self._learn(groups, weights, stale)
+            metrics.update(self._publish(self.engine.update_weights))
+            history.append(self._after_step(ckpt, logger, metrics, t0, task_list))
+        return history
+
     def _group_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
         rewards = np.asarray([[s.reward for s in g.samples] for g in groups])
         out = group_metrics(rewards, [[s.extra["outcome"] for s in g.samples] for g in groups],
@@ -501,7 +528,10 @@ class AceTrainer:
             self.key, k_draw, k_seed = jax.random.split(self.key, 3)
             tasks = self._draw(k_draw, self.cfg.tasks_per_step)
             seeds = np.asarray(jax.random.randint(k_seed, (len(tasks),), 0, 2 ** 20))
-            groups = [self.rollout_group(self.engine, t, int(s)) for t, s in zip(tasks, seeds)]
+            # The draw is the same on every process; the rollouts happen on the controller only.
+            groups = ([self.rollout_group(self.engine, t, int(s)) for t, s in zip(tasks, seeds)]
+                      if is_controller() else None)
+            groups = broadcast_object(groups)
             t_roll = time.perf_counter() - t0
             self._apply_groups(groups, {id(g): t for g, t in zip(groups, tasks)})
             metrics = self._group_metrics(groups)
@@ -516,6 +546,8 @@ class AceTrainer:
         return history
 
     def _run_async(self, ckpt: Checkpointer, logger: MetricsLogger, stop_after: int | None) -> list[dict]:
+        if not is_controller():
+            return self._follow_async(ckpt, logger, stop_after)
         cfg = self.cfg
         queue = RolloutQueue(max(2 * cfg.tasks_per_step, cfg.workers), max_staleness=cfg.max_staleness,
                              policy=cfg.staleness_policy)
@@ -549,6 +581,12 @@ class AceTrainer:
                     raise
                 t_wait = time.perf_counter() - t0
                 tasks = {id(g): drawn.pop(id(g)) for g in batch.groups}
+                if multi_process():
+                    # What the workers observed, for the other processes' tables and keys.
+                    with self._lock:
+                        broadcast_object((batch.groups, [tasks[id(g)] for g in batch.groups],
+                                          np.asarray(batch.staleness_weight), np.asarray(batch.is_stale),
+                                          np.asarray(self.key)))
                 with self._lock:
                     self._apply_groups(batch.groups, tasks)
                 metrics = self._group_metrics(batch.groups)
@@ -574,6 +612,19 @@ class AceTrainer:
         # Each worker finishes the group it is rolling out; on a loaded CPU that can take a while.
         pool.stop(timeout=POOL_STOP_TIMEOUT_S)
         return history
+
+
+class _NoLogger:
+    """The metrics logger of a non-controller process: the controller alone writes metrics."""
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> "_NoLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def make_env_factory(sandbox: Any, *, reward_cfg: RewardConfig, max_steps: int, exec_timeout_s: float,

@@ -217,3 +217,38 @@ def test_request_aborted_by_weight_update_is_redone_under_new_weights(launch, tm
         assert engine.stats["aborted_retries"] == 1
         finished = [e["finish_reason"] for e in events(server) if e["event"] == "generate"]
         assert finished == ["abort", "length"]
+
+
+def test_servers_given_by_url_are_used_checked_and_waited_for_never_restarted(launch, tmp_path):
+    """rollout.urls: the pool launches nothing, pushes to every server, and when one goes away it
+    waits for its owner to bring it back, then gives it the current version."""
+    from ace.rollout.sglang_pool import SGLangPool, SGLangPoolConfig
+
+    a, b = launch(), launch()
+    cfg = SGLangPoolConfig.from_cfg({"urls": [a.url, b.url], "router": "never", "monitor_interval_s": 0.2,
+                                     "startup_timeout_s": 60})
+    pool = SGLangPool.start(cfg, model_path=tmp_path / "base", exporter=exporter, out_dir=tmp_path / "run")
+    try:
+        assert pool.router is None and pool.engine.router_url is None
+        assert all(s.process is None for s in pool.servers)  # nothing launched here
+        pool.engine.update_weights({"arch": DENSE, "shift": 3}, 1)
+        assert pool.engine.server_versions() == [1, 1]
+        prompts = [[1, 2, 3]] * 4
+        gens = pool.engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+        assert all(g.weight_version == 1 for g in gens)
+        # The owner stops server b: the monitor takes it out of dispatch; requests go to a.
+        port = b.port
+        b.stop()
+        wait_until(lambda: 1 in pool.engine.down())
+        gens = pool.engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+        assert len(gens) == 4 and pool.servers[1].restarts == 0
+        # The owner restarts it (with the launch-time weights): it is brought to version 1 again.
+        b.port = port
+        b.start()
+        wait_until(lambda: 1 not in pool.engine.down(), timeout_s=30)
+        assert pool.engine.server_versions() == [1, 1]
+        status = pool.write_status()
+        assert [s["weight_version"] for s in status["servers"]] == [1, 1] and status["router"] is None
+    finally:
+        pool.close()
+    assert a.alive() and b.alive(), "closing the pool must not stop servers it did not launch"

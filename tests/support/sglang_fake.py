@@ -10,7 +10,8 @@ Faithful where the engine depends on it:
   * /generate takes `input_ids` (one list or a batch), `sampling_params` (dict or list), and
     `return_logprob`; returns `output_ids` and `meta_info` with `output_token_logprobs` as
     [logprob, token_id, null] triples, `finish_reason` {"type": "stop"|"length"|"abort", ...} and
-    `weight_version` (a string, "default" until the first update).
+    `weight_version` (a string: `--weight-version` at launch, "default" without it, then the last update's).
+  * GET /model_info (and the older /get_model_info): model_path, weight_version, architectures.
   * /pause_generation {"mode": "abort"|"retract"|"in_place"}: with "abort" running requests end
     with finish_reason abort; otherwise they wait; new requests wait until /continue_generation.
   * /update_weights_from_disk {"model_path", "weight_version"}: loading a checkpoint of another
@@ -69,9 +70,9 @@ def reference_greedy(prompt: list[int], *, shift: int, vocab_size: int, max_new_
 
 
 class FakeSGLang:
-    def __init__(self, model_path: str, token_s: float):
+    def __init__(self, model_path: str, token_s: float, weight_version: str = "default"):
         self.model = load_model(model_path)
-        self.version = "default"
+        self.version = weight_version
         self.token_s = token_s
         self.cond = threading.Condition()
         self.paused = False
@@ -174,9 +175,9 @@ def make_handler(state: FakeSGLang):
         def do_GET(self):
             if self.path in ("/health", "/health_generate"):
                 self._send(200, "")
-            elif self.path == "/get_model_info":
+            elif self.path in ("/get_model_info", "/model_info"):
                 self._send(200, {"model_path": state.model["path"], "is_generation": True,
-                                 "weight_version": state.version})
+                                 "weight_version": state.version, "architectures": state.model["architectures"]})
             elif self.path == "/fake/events":
                 with state.lock:
                     self._send(200, list(state.events))
@@ -233,6 +234,7 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--weight-version", default="default")
     ap.add_argument("--fake-startup-s", type=float, default=0.0, help="delay before serving /health")
     ap.add_argument("--fake-token-s", type=float, default=0.0, help="time per generated token")
     ap.add_argument("--fake-exit-at-start", action="store_true", help="die before serving")
@@ -242,7 +244,7 @@ def main(argv=None):
     if args.fake_exit_at_start:
         print("fatal: simulated start-up failure (out of memory for KV cache)", flush=True)
         sys.exit(3)
-    state = FakeSGLang(args.model_path, args.fake_token_s)
+    state = FakeSGLang(args.model_path, args.fake_token_s, args.weight_version)
     time.sleep(args.fake_startup_s)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True
