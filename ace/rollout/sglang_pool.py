@@ -15,7 +15,9 @@ Topology:
 
 Weights travel as HF folders: the learner's params are exported to `<export_dir>/v00000042` and
 loaded with `/update_weights_from_disk` under their version. `export_dir` defaults to a folder in
-/dev/shm (a tmpfs: no disk round trip) when it has room for two versions, else `<out_dir>/weights`.
+/dev/shm (a tmpfs: no disk round trip) when ace launched the servers and it has room for three
+versions, else `<out_dir>/weights` (servers given by URL may be on other hosts: put out_dir, or
+`export_dir`, on storage they see).
 """
 from __future__ import annotations
 
@@ -247,9 +249,12 @@ class SGLangPool:
                 _wait_router_admits_workers(router_url, timeout_s=min(cfg.startup_timeout_s, 300.0))
             if cfg.export_dir:
                 export_dir, owns = Path(resolve_repo_path(cfg.export_dir)), False
-            else:
+            elif cfg.launches:
                 export_dir = default_export_dir(out_dir, bytes_per_version)
                 owns = str(export_dir).startswith("/dev/shm/")
+            else:
+                # Servers given by URL may run on other hosts: this host's tmpfs is not theirs.
+                export_dir, owns = out_dir / "weights", False
             engine = SGLangEngine(servers, exporter=exporter, export_dir=export_dir, initial_version=initial_version,
                                   keep_versions=cfg.keep_versions, pause_mode=cfg.pause_mode,
                                   request_timeout_s=cfg.request_timeout_s, restart_timeout_s=cfg.startup_timeout_s,
