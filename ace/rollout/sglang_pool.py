@@ -98,6 +98,7 @@ class SGLangPoolConfig:
     router_url: str | None = None
     router_policy: str = "cache_aware"
     router_args: tuple[str, ...] = ()
+    router_health_interval_s: int = 5
     python: str | None = None
     host: str = "127.0.0.1"
     base_port: int = 0
@@ -243,6 +244,7 @@ class SGLangPool:
             if router_url is None and cfg.uses_router:
                 router = SGLangRouter([s.url for s in servers], port=ports[-1], host=cfg.host, policy=cfg.router_policy,
                                       extra_args=cfg.router_args, log_path=log_dir / "router.log", python=python,
+                                      health_check_interval_s=cfg.router_health_interval_s,
                                       env=env, startup_timeout_s=min(cfg.startup_timeout_s, 600.0))
                 router.start()
                 router_url = router.url

@@ -231,7 +231,7 @@ class SGLangRouter(ManagedProcess):
     def __init__(self, worker_urls: Sequence[str], *, port: int, host: str = "127.0.0.1",
                  policy: str = "cache_aware", extra_args: Sequence[str] = (), log_path: str | os.PathLike,
                  python: str = sys.executable, env: Mapping[str, str] | None = None,
-                 startup_timeout_s: float = 300.0, health_check_interval_s: int = 1):
+                 startup_timeout_s: float = 300.0, health_check_interval_s: int = 5):
         if not worker_urls:
             raise ValueError("SGLangRouter needs at least one worker URL")
         super().__init__(port=port, host=host, log_path=log_path, python=python, env=env,

@@ -29,6 +29,8 @@ from ace.train.multihost import put_global
 PROBE_TEXT = ("import pandas as pd\nfrom sklearn.linear_model import LogisticRegression\n"
               "train = pd.read_csv('train.csv')\nprint(train.shape)\n")
 PROBE_TOKENS = 48
+PROBE_TRIES = 3       # tries per server when a probe disagrees (see sglang_after_publish)
+PROBE_GOOD = 1e-4     # a disagreement below this ends the tries
 
 
 @dataclasses.dataclass
@@ -114,11 +116,23 @@ def sglang_after_publish(pool: Any, tokenizer: Any, model_config: Any, mesh, *, 
             out[f"server{i}_version"] = float("nan") if v is None else float(v)
         if learner_lp is not None:
             want = learner_lp(params, probe)
+            # A probe that happens to share a prefill batch with another request (a router health
+            # check, a rollout) is computed with other kernel shapes; on an MoE a router near-tie can
+            # then pick another expert and move a logprob by ~1e-3. Wrong weights move every try,
+            # batch noise does not repeat: the best of PROBE_TRIES tries is reported.
+            best = [float("inf")] * len(pool.servers)
+            for tries in range(1, PROBE_TRIES + 1):
+                for i, got in enumerate(pool.engine.probe_logprobs(probe.tolist())):
+                    if got is not None:
+                        best[i] = min(best[i], float(np.max(np.abs(got - want))))
+                if max(best) <= PROBE_GOOD:
+                    break
             diffs = []
-            for i, got in enumerate(pool.engine.probe_logprobs(probe.tolist())):
-                d = float("nan") if got is None else float(np.max(np.abs(got - want)))
+            for i, d in enumerate(best):
+                d = float("nan") if d == float("inf") else d
                 out[f"server{i}_probe_logprob_diff"] = d
                 diffs.append(d)
+            out["probe_tries"] = float(tries)
             finite = [d for d in diffs if not math.isnan(d)]
             out["probe_logprob_max_diff"] = max(finite) if finite else float("nan")
         pool.write_status()
