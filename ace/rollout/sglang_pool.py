@@ -271,9 +271,10 @@ class SGLangPool:
         pool.write_status()
         return pool
 
-    def write_status(self) -> dict:
-        """`<out_dir>/rollout/servers.json`: URL, pid, restarts and reported version of each server."""
-        versions = self.engine.server_versions()
+    def write_status(self, versions: list[int | None] | None = None) -> dict:
+        """`<out_dir>/rollout/servers.json`: URL, pid, restarts and reported version of each server
+        (`versions`: what the servers reported just now, if the caller asked them already)."""
+        versions = self.engine.server_versions() if versions is None else versions
         status = {"router": None if self.router is None and not self.engine.router_url else {
                       "url": self.engine.router_url, "pid": getattr(getattr(self.router, "process", None), "pid", None)},
                   "servers": [{"url": s.url, "pid": getattr(s.process, "pid", None), "restarts": s.restarts,

@@ -5,6 +5,7 @@ Both run in their own session (process group) so that `stop()` also ends the pro
 """
 from __future__ import annotations
 
+import abc
 import atexit
 import collections
 import os
@@ -50,7 +51,7 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-class ManagedProcess:
+class ManagedProcess(abc.ABC):
     """One long-running HTTP service launched as `python -m <module> <args>` with a /health route.
 
     Subclasses give `command()`; this class owns start (wait until /health answers 200), restart,
@@ -77,8 +78,9 @@ class ManagedProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The argv that starts the service."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "ManagedProcess":

@@ -135,7 +135,7 @@ def sglang_after_publish(pool: Any, tokenizer: Any, model_config: Any, mesh, *, 
             out["probe_tries"] = float(tries)
             finite = [d for d in diffs if not math.isnan(d)]
             out["probe_logprob_max_diff"] = max(finite) if finite else float("nan")
-        pool.write_status()
+        pool.write_status(versions)
         return out
 
     return after_publish
@@ -190,16 +190,17 @@ def open_mirror_engine(cfg: Mapping[str, Any], policy: Any, out_dir: str | Path,
     exporter = hf_exporter(policy.model_config, policy.tokenizer, policy.hf_dir)
     if not (policy.source == "hf" and initial_version == 0):
         exporter(_model_dtype(policy.params, policy.model_config), None)  # the controller's initial export
-    hook = None
-    if cfg["rollout"].get("check_logprobs"):
-        probe = np.asarray(policy.tokenizer.encode(PROBE_TEXT)[:PROBE_TOKENS], np.int32)
-        learner_lp = _probe_logprobs(policy.model_config, mesh)
+    engine = MirrorEngine(exporter, initial_version=initial_version)
+    if not cfg["rollout"].get("check_logprobs"):
+        return RunEngine(engine)
+    probe = np.asarray(policy.tokenizer.encode(PROBE_TEXT)[:PROBE_TOKENS], np.int32)
+    learner_lp = _probe_logprobs(policy.model_config, mesh)
 
-        def hook(version: int, params: Any) -> dict[str, float]:
-            learner_lp(params, probe)
-            return {}
+    def mirror_probe(version: int, params: Any) -> dict[str, float]:
+        learner_lp(params, probe)  # collective: the controller computes the same forward pass
+        return {}
 
-    return RunEngine(MirrorEngine(exporter, initial_version=initial_version), hook)
+    return RunEngine(engine, mirror_probe)
 
 
 def _model_dtype(params: Any, model_config: Any) -> Any:

@@ -273,7 +273,7 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     mesh = learner_mesh(cfg)
     seeds = [int(s) for s in cfg["eval"]["seeds"]]
     say(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions ({cfg['env']['kind']}); "
-          f"output in {out_dir}", flush=True)
+        f"output in {out_dir}", flush=True)
     say(describe_split(mesh, cfg, learner_gpus), flush=True)
     with (make_sandbox(cfg["env"]["sandbox"]) if controller else contextlib.nullcontext()) as sandbox:
         t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from ace.models.qwen3 import abstract_params
 from ace.models.sharding import RULES, logical_to_sharding, param_shardings, use_mesh
 from ace.rl import kl_penalty, policy_loss
 from ace.rl.registry import KL_ESTIMATORS
+from ace.train.multihost import put_global
 
 SCHEDULES = ("cosine", "constant")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -400,8 +401,6 @@ def batch_shardings(batch: Batch, mesh: jax.sharding.Mesh, rules=RULES) -> Batch
 def place_batch(batch: Batch, mesh: jax.sharding.Mesh, rules=RULES) -> Batch:
     """The batch on `mesh` by `batch_shardings`; host arrays become global arrays when the mesh spans
     several processes (each of which passes the same batch)."""
-    from ace.train.multihost import put_global
-
     return jax.tree.map(put_global, batch, batch_shardings(batch, mesh, rules))
 
 
@@ -449,6 +448,4 @@ def shard_state(state: LearnerState, cfg: LearnerConfig, model_config: ModelConf
                 rules=RULES) -> LearnerState:
     """Places a LearnerState on `mesh` with `state_shardings` (host or local leaves become global
     arrays when the mesh spans several processes)."""
-    from ace.train.multihost import put_global
-
     return jax.tree.map(put_global, state, state_shardings(cfg, model_config, mesh, rules))
