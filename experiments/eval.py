@@ -3,21 +3,33 @@
     python experiments/eval.py checkpoint=outputs/<run> suite=held_out seeds=[0,1,2]
 
 `checkpoint` is a run directory (the `out_dir` of `experiments/run.py`), its `checkpoints/` folder,
-or one step folder inside it (default: the newest step). The policy is rebuilt from the checkpoint:
-params from the trainer's orbax state (`learner.params`), the model config and the tokenizer from
-the checkpoint's metadata (`model_config`, `tokenizer_dir`) or, failing that, from the run
-directory (`model_config.json`, `tokenizer/`). Environment, rollout and `eval.*` settings come from
-this command's config (the same Hydra config dir as `run.py`), so they can be overridden here.
+or one step folder inside it (default: the newest step). The run directory is all it needs:
+
+  policy     params from the trainer's orbax state (`learner.params`); the model config and the
+             tokenizer from the checkpoint's metadata (`model_config`, `tokenizer_dir`) or, failing
+             that, the run directory's `model_config.json` and `tokenizer/`; the prompt limits the
+             policy was trained with from `prompt_config.json` (default: the SFT corpus's);
+  settings   the ones in RUN_SETTINGS (competitions, episode length, reward, prompt overrides,
+             held-out cut, eval seeds and temperature, sampling limits) from the run's `config.json`,
+             so the evaluation is the run's own; every one of them that this command's arguments
+             name is taken from the arguments instead. Without a `config.json` all settings come
+             from this command's config (the same Hydra config dir as `run.py`).
+
+The competitions come from `ace.train.experiment.load_competitions` (env.kind builtin or mlebench).
+Sampling always uses the embedded JAX sampler (rollout.kind=jax_sampler), whatever served the run's
+rollouts. With the same checkpoint and seeds, two evaluations print the same table (see
+`ace.train.episodes`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +39,9 @@ from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 SUITES = ("train", "held_out", "all")
+# Settings of the run's own evaluation, read from <run dir>/config.json unless the command names them.
+RUN_SETTINGS = ("seed", "env", "eval", "train.competitions", "rollout.max_new_tokens", "rollout.max_prompt_tokens",
+                "rollout.top_p", "rollout.top_k")
 
 # The eval command's own keys on top of the main config (same defaults: model, env, rollout, ...).
 ConfigStore.instance().store(name="eval_cli", node={
@@ -47,6 +62,7 @@ class Policy:
     tokenizer: Any
     step: int
     run_dir: Path
+    prompt_cfg: Any = None   # PromptConfig the policy was trained with (None: the SFT corpus's)
 
 
 def locate_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[Path, Path, int | None]:
@@ -93,6 +109,13 @@ def _tokenizer(meta: Mapping[str, Any], run_dir: Path):
                             f"{[str(c) for c in candidates]}")
 
 
+def _prompt_config(run_dir: Path):
+    from ace.env.agent import PromptConfig
+
+    file = run_dir / "prompt_config.json"
+    return PromptConfig(**json.loads(file.read_text())) if file.is_file() else None
+
+
 def load_policy(path: str | os.PathLike, *, step: int | None = None) -> Policy:
     """Restores params, model config and tokenizer of a trainer checkpoint (see the module docstring).
 
@@ -119,22 +142,96 @@ def load_policy(path: str | os.PathLike, *, step: int | None = None) -> Policy:
     if want != got:
         raise ValueError(f"checkpoint {root}/{step}: param shapes {got} do not match the model config {want}")
     return Policy(params=params, model_config=model_config, tokenizer=_tokenizer(meta, run_dir), step=int(step),
-                  run_dir=run_dir)
+                  run_dir=run_dir, prompt_cfg=_prompt_config(run_dir))
 
 
-def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key in nested dicts."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _assign(tree: dict, dotted: str, found: bool, value: Any) -> None:
+    """Sets (or, when not `found`, deletes) a dotted key in nested dicts, creating the parents."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    if found:
+        tree[last] = copy.deepcopy(value)
+    else:
+        tree.pop(last, None)
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys (or config groups) that Hydra command-line overrides set, add or delete."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def with_run_settings(cfg: Mapping[str, Any], run_cfg: Mapping[str, Any],
+                      overridden: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """`cfg` with each RUN_SETTINGS entry taken from the run's config, except what `overridden` names.
+
+    A setting the command names as a whole (`env=mlebench`, `eval.seeds=[0]`) stays the command's;
+    one it names a part of (`env.max_steps=3`) is the run's with that part from the command.
+    Returns (the merged config, the settings taken from the run).
+    """
+    out = copy.deepcopy(dict(cfg))
+    taken = []
+    for path in RUN_SETTINGS:
+        found, value = _lookup(run_cfg, path)
+        if not found or any(path == k or path.startswith(k + ".") for k in overridden):
+            continue
+        _assign(out, path, True, value)
+        for key in overridden:
+            if key.startswith(path + "."):
+                _assign(out, key, *_lookup(cfg, key))
+        taken.append(path)
+    return out, taken
+
+
+def suite_competitions(cfg: Mapping[str, Any], suite: str) -> list[Any]:
+    """The competitions of `suite` as the run saw them (`load_competitions`: env.kind, env.data_dir,
+    train.competitions and eval.competitions cuts); `all` is training then held-out, each once."""
+    from ace.train.experiment import load_competitions
+
+    train, held_out = load_competitions(cfg)
+    if suite == "train":
+        return train
+    if suite == "held_out":
+        return held_out
+    seen, comps = set(), []
+    for comp in (*train, *held_out):
+        if comp.comp_id not in seen:
+            seen.add(comp.comp_id)
+            comps.append(comp)
+    return comps
+
+
+def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | None = None) -> dict[str, Any]:
     """Restores `cfg["checkpoint"]` and evaluates it on `cfg["suite"]` with `cfg["seeds"]`.
 
     Args:
       cfg: the composed eval config as a plain dict (the main config plus checkpoint, step, suite, seeds).
+      overrides: the command line's Hydra overrides. When given, the RUN_SETTINGS that they do not
+        name come from the run directory's config.json (see `with_run_settings`); None uses `cfg` as is.
     Returns:
-      {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str}.
+      {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str, "cfg": dict}.
     """
     from ace.env.sandbox import make_sandbox
-    from ace.env.suites import load_suite
     from ace.eval import format_table
     from ace.train.experiment import evaluate_policy
 
+    run_dir, _, _ = locate_checkpoint(cfg["checkpoint"], cfg.get("step"))
+    run_cfg_file = run_dir / "config.json"
+    if overrides is not None and run_cfg_file.is_file():
+        cfg, taken = with_run_settings(cfg, json.loads(run_cfg_file.read_text()), override_keys(overrides))
+        print(f"[eval] from {run_cfg_file}: {', '.join(taken) or 'nothing'}", flush=True)
     suite = cfg["suite"]
     if suite not in SUITES:
         raise ValueError(f"suite={suite!r}, expected one of {SUITES}")
@@ -144,29 +241,29 @@ def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds=[]: expected at least one seed, e.g. seeds=[0,1,2]")
-    if cfg["env"]["kind"] != "builtin":
-        raise ValueError(f"env.kind={cfg['env']['kind']!r}: this command evaluates on the built-in suite ('builtin')")
+    if cfg["rollout"]["kind"] != "jax_sampler":
+        raise ValueError(f"rollout.kind={cfg['rollout']['kind']!r}: this command samples with the embedded JAX "
+                         "sampler; drop the override or pass rollout=jax_sampler")
+    comps = suite_competitions(cfg, suite)
     policy = load_policy(cfg["checkpoint"], step=cfg.get("step"))
-    comps = load_suite(suite, seed=int(cfg["env"]["suite_seed"]))
-    limit = cfg["eval"].get("competitions")
-    if limit:
-        comps = comps[:int(limit)]
     print(f"[eval] step {policy.step} of {policy.run_dir}: {len(comps)} {suite} competitions x {len(seeds)} "
           f"seeds {seeds}", flush=True)
     with make_sandbox(cfg["env"]["sandbox"]) as sandbox:
         result = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, comps, sandbox, seeds=seeds,
-                                 cfg=cfg)
+                                 cfg=cfg, prompt_cfg=policy.prompt_cfg)
     table = format_table(result.metrics)
     print(f"\n{suite} evaluation (mean ± SE over {'seeds' if len(seeds) > 1 else 'episodes'}):")
     print(table, flush=True)
-    return {"metrics": result.metrics, "episodes": result.episodes, "step": policy.step, "table": table}
+    return {"metrics": result.metrics, "episodes": result.episodes, "step": policy.step, "table": table, "cfg": cfg}
 
 
 @hydra.main(version_base="1.3", config_path="../hydra_configs", config_name="eval_cli")
 def main(cfg: DictConfig) -> None:
     # Hydra logs at INFO; orbax's per-restore absl lines would bury the table.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    evaluate_checkpoint(OmegaConf.to_container(cfg, resolve=True))
+    from hydra.core.hydra_config import HydraConfig
+
+    evaluate_checkpoint(OmegaConf.to_container(cfg, resolve=True), overrides=HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":

@@ -272,11 +272,22 @@ def _head(text: str, n: int) -> str:
 
 
 def render_record(i: int, rec: StepRecord, cfg: PromptConfig) -> str:
+    """The text of one past action and its feedback, as the agent sees it in the history.
+
+    No wall-clock figure is rendered: `rec.duration_s` stays in the record (the curriculum and the
+    duration-weighted loss read it) but not in the prompt, because it measures the machine's load
+    as much as the script. A prompt that said "Ran in 1.3s" on a quiet machine and "Ran in 2.1s"
+    on a busy one gives other prompt tokens, hence other samples, and evaluation of one checkpoint
+    with fixed seeds would not repeat. Coarse buckets ("under 10s") were the alternative; they
+    still flip at a bucket edge under load, and the tiny policies gain nothing from them. A run
+    that hit its time limit still says "Timed out": that is a fact about the outcome. The status
+    footer's time-left line (`build_messages`) appears only when the episode has a time limit;
+    such episodes depend on the machine's speed by nature.
+    """
     parts = [f"### Step {i + 1}: {rec.kind}"]
     if rec.kind in ("validate_code", "execute_code"):
         parts.append(f"```python\n{_head(rec.content, cfg.code_chars).rstrip()}\n```")
-        status = "timed out" if rec.timed_out else f"exit code {rec.returncode}"
-        parts.append(f"Ran in {rec.duration_s:.1f}s, {status}.")
+        parts.append("Timed out." if rec.timed_out else f"Exit code {rec.returncode}.")
         if rec.stdout_tail.strip():
             parts.append(f"stdout (tail):\n{_tail(rec.stdout_tail, cfg.stdout_tail_chars)}")
         if rec.stderr_tail.strip():
@@ -321,7 +332,9 @@ def build_messages(state: AgentState, comp: Any, cfg: PromptConfig, *,
       summary: a precomputed `data_summary(comp.public_dir, cfg)`; computed when None.
 
     Returns:
-      [{"role": "system", "content": ...}, {"role": "user", "content": ...}].
+      [{"role": "system", "content": ...}, {"role": "user", "content": ...}]: a function of the
+      state's actions and their outcomes only, never of wall-clock durations (see `render_record`),
+      except for the "Time left" line of an episode with a time limit.
 
     Raises:
       ValueError: when even the prompt without history and description exceeds the budget.
@@ -335,6 +348,7 @@ def build_messages(state: AgentState, comp: Any, cfg: PromptConfig, *,
     direction = "higher is better" if comp.higher_is_better else "lower is better"
     best = ("none yet" if state.best_score is None
             else f"{state.best_score:.6g} (from step {(state.best_step or 0) + 1})")
+    # Only time-limited episodes show the clock: their course depends on the machine's speed anyway.
     time_left = ("" if state.time_limit_s is None
                  else f" Time left: {max(state.time_limit_s - state.time_used_s, 0.0):.0f}s.")
     footer = (f"## Status\nMetric: {comp.metric} ({direction}). Best valid score so far: {best}. "

@@ -19,6 +19,7 @@ from ace.env.agent import (Action, AgentState, FormatError, PromptConfig, StepRe
                            render_prompt)
 from ace.env.reward import RewardConfig, instrument as instrument_code
 from ace.env.reward import milestones_reached, step_reward, strip_markers
+from ace.env.sandbox_guards import mask_workspace_path
 
 # Output kept in a StepRecord: the state is stored per task, so it stays bounded; the prompt
 # shows a shorter tail still (PromptConfig).
@@ -224,10 +225,14 @@ class MLEEnv:
         script = instrument_code(code) if self.instrument else code
         timeout = self.validate_timeout_s if validate else self.exec_timeout_s
         result = self.sandbox.run(workspace, script, timeout_s=timeout)
+        # The workspace's random host path must not reach the prompt (see mask_workspace_path).
+        result = dataclasses.replace(result, stdout=mask_workspace_path(result.stdout, workspace.root),
+                                     stderr=mask_workspace_path(result.stderr, workspace.root))
         milestones = milestones_reached(result.stdout, result.stderr) if self.instrument else frozenset()
         if not result.ok:
             return result, None, milestones, "runtime_error"
         grade = self.grader(self.comp, Path(workspace.submission_path))
+        grade = dataclasses.replace(grade, detail=mask_workspace_path(grade.detail, workspace.root))
         if not grade.valid:
             return result, grade, milestones, "invalid"
         if validate:
@@ -354,6 +359,7 @@ class Step:
     grade: Any | None
     state_after: AgentState
     outcome: str
+    routing: Any = None          # [L, P + T, k] routed experts (`Generation.routing`), when asked for
 
 
 @dataclasses.dataclass(frozen=True)

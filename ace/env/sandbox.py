@@ -23,6 +23,15 @@ Two isolation levels for ``SubprocessSandbox`` (``.isolation`` says which one is
       and name lookups. This stops Python-level networking only (a C extension or a child binary could
       still connect) and cannot hide world-readable files: use namespaces or the docker backend for
       untrusted models.
+
+Both levels start the program the same way every time, so that replaying an episode with the same
+sampling seeds replays its feedback (`ace.train.experiment.evaluate_policy` relies on it): the
+hash seed is fixed (``PYTHONHASHSEED``), and a ``sitecustomize`` on the program's PYTHONPATH (bound
+read-only under namespaces) seeds ``random`` and ``numpy.random``'s global generator right after
+their first import (``ace.env.sandbox_guards.SEEDING_SITECUSTOMIZE``). BLAS runs one thread
+(``SandboxLimits.threads``), so sums come out in one order. Whatever the program reads from the clock
+(``time.time()``, its own timing prints, a time budget) still varies, and so does the wall time the
+sandbox reports in ``ExecResult.duration_s``; the agent's prompt never shows the latter.
 """
 from __future__ import annotations
 
@@ -47,8 +56,8 @@ from ace.env.namespace_launcher import (
     MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, libc_handle, mount, umount,
 )
 from ace.env.sandbox_guards import (
-    UID_BASE, UID_SPAN, BoundedOutput, classify_exit, kill_uid, processes_matching, remove_escaping_symlinks,
-    tree_size, tree_world_readable,
+    PROGRAM_SEED, SEEDING_SITECUSTOMIZE, UID_BASE, UID_SPAN, BoundedOutput, classify_exit, kill_uid,
+    processes_matching, remove_escaping_symlinks, tree_size, tree_world_readable, write_sitecustomize,
 )
 
 SCRIPT_NAME = "script.py"
@@ -195,6 +204,8 @@ def sandbox_env(workspace_root: Path, python: str, limits: SandboxLimits, tmpdir
         "LC_ALL": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # str hashes (set order, dict-of-set output) the same in every run.
+        "PYTHONHASHSEED": str(PROGRAM_SEED),
         "MPLBACKEND": "Agg",
         "OMP_NUM_THREADS": threads,
         "OPENBLAS_NUM_THREADS": threads,
@@ -257,12 +268,9 @@ class SubprocessSandbox:
         self._interpreter_roots = interpreter_roots(python)
         self._workspaces: dict[Path, Workspace] = {}
         self._lock = threading.Lock()
-        if self.isolation == "fallback":
-            site = self._root / ".fallback-site"
-            site.mkdir(exist_ok=True)
-            (site / "sitecustomize.py").write_text(_FALLBACK_SITECUSTOMIZE)
-            os.chmod(site, 0o755)
-            os.chmod(site / "sitecustomize.py", 0o644)
+        # The program's sitecustomize: fixed seeds, and in the fallback the Python-level network guard.
+        self._site = write_sitecustomize(self._root / ".site", SEEDING_SITECUSTOMIZE,
+                                         *([_FALLBACK_SITECUSTOMIZE] if self.isolation == "fallback" else []))
         # Workspaces hold host mounts: they are destroyed even when the owner forgets close().
         self._finalizer = weakref.finalize(
             self, _destroy_all, self.isolation, self._workspaces, self._root, root is None)
@@ -376,13 +384,13 @@ class SubprocessSandbox:
         newroot.mkdir(mode=0o700, exist_ok=True)
         spec = {
             "newroot": str(newroot),
-            "ro_binds": [str(p) for p in self._interpreter_roots],
+            "ro_binds": [str(p) for p in self._interpreter_roots] + [str(self._site)],
             "workspace": str(ws.root),
             "tmp_mb": lim.max_file_mb,
             "uid": uid,
             "rlimits": _rlimits(lim),
             "argv": [self.python, str(script)],
-            "env": sandbox_env(ws.root, self.python, lim, "/tmp"),
+            "env": {**sandbox_env(ws.root, self.python, lim, "/tmp"), "PYTHONPATH": str(self._site)},
         }
         status_r, status_w = os.pipe()
         cmd = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--propagation", "private",
@@ -401,7 +409,7 @@ class SubprocessSandbox:
             cmd += [setpriv, "--no-new-privs", "--"]
         cmd += [self.python, str(script)]
         env = sandbox_env(ws.root, self.python, lim, str(ws.root / ".tmp"))
-        env["PYTHONPATH"] = str(self._root / ".fallback-site")
+        env["PYTHONPATH"] = str(self._site)
         return self._supervise(cmd, ws, uid, timeout, None, None, env=env)
 
     def _supervise(self, cmd, ws, uid, timeout, status_r, status_w, *, env) -> ExecResult:

@@ -13,6 +13,91 @@ UID_BASE = 1_000_000
 UID_SPAN = 1 << 30
 
 
+# The seed of the program's global random generators, and the hash seed of its interpreter.
+PROGRAM_SEED = 0
+
+SEEDING_SITECUSTOMIZE = '''"""Installed by ace.env.sandbox: the program's global random generators start from a fixed seed.
+
+A script that never seeds (random.random(), numpy's global RandomState, which scikit-learn uses for
+random_state=None and pandas for DataFrame.sample) then prints and predicts the same on every run,
+so an episode replayed with the same sampling seeds gets the same feedback. Each generator is seeded
+right after its module's first import, so a script that imports neither pays nothing.
+np.random.default_rng() without a seed and the names of temporary files stay random.
+"""
+import sys as _ace_sys
+
+_ACE_SEED = {seed}
+
+
+class _AceSeedingLoader:
+    """Runs the real loader, then seeds the module; everything else is the real loader's."""
+
+    def __init__(self, loader):
+        self._ace_loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._ace_loader, name)
+
+    def create_module(self, spec):
+        return self._ace_loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._ace_loader.exec_module(module)
+        module.seed(_ACE_SEED)
+        if module.__name__ == "random":
+            _ace_reseed_forks(module)
+
+
+def _ace_reseed_forks(random):
+    """`random` reseeds itself from the OS in a forked child; reseed it again, by fork count."""
+    import os
+
+    forks = [0]
+
+    def count():
+        forks[0] += 1
+
+    os.register_at_fork(before=count, after_in_child=lambda: random.seed(f"{{_ACE_SEED}}-fork-{{forks[0]}}"))
+
+
+class _AceSeedAfterImport:
+    """A meta path finder that only wraps the loaders of `random` and `numpy.random`."""
+
+    names = {{"random", "numpy.random"}}
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.names:
+            return None
+        self.names = self.names - {{name}}
+        for finder in _ace_sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _AceSeedingLoader(spec.loader)
+                return spec
+        return None
+
+
+if "random" in _ace_sys.modules:  # imported during start-up already
+    _ace_sys.modules["random"].seed(_ACE_SEED)
+    _ace_reseed_forks(_ace_sys.modules["random"])
+_ace_sys.meta_path.insert(0, _AceSeedAfterImport())
+'''.format(seed=PROGRAM_SEED)
+
+
+def write_sitecustomize(folder: Path, *parts: str) -> Path:
+    """Writes `parts` as `folder/sitecustomize.py`, readable by every uid, and returns `folder`.
+
+    The program's interpreter imports it at start-up when `folder` is on its PYTHONPATH.
+    """
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text("\n\n".join(parts))
+    os.chmod(folder, 0o755)
+    os.chmod(folder / "sitecustomize.py", 0o644)
+    return folder
+
+
 class BoundedOutput:
     """Keeps the first and last ``limit // 2`` bytes of a stream and counts the rest."""
 
@@ -58,6 +143,21 @@ def classify_exit(returncode: int, stderr: str, *, timed_out: bool, forced: str 
         if "File too large" in tail:
             return "file_size"
     return None
+
+
+def mask_workspace_path(text: str, root: Path | str) -> str:
+    """`text` with the workspace's absolute path written as `.`, the program's working directory.
+
+    A workspace's host path holds random characters (``/tmp/ace-sandbox-x1y2/ws-a3b4``) that
+    differ in every process, and tracebacks ("File .../script.py") and grader messages ("no
+    submission file at .../submission/submission.csv") quote it; shown back to the agent, it would
+    make the prompt tokens, hence the samples, differ between two runs of the same episode.
+    """
+    if not text:
+        return text
+    for path in dict.fromkeys((str(root), os.path.realpath(root))):  # as given, then resolved
+        text = text.replace(path + os.sep, "." + os.sep).replace(path, ".")
+    return text
 
 
 def processes_matching(*, uid: int | None = None, needle: str | None = None) -> list[int]:

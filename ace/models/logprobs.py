@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from ace.models import qwen3
 from ace.models.configs import ModelConfig
-from ace.models.qwen3 import ModelAux
 
 
 def output_weight(params: dict, config: ModelConfig) -> jax.Array:
@@ -21,8 +20,13 @@ def output_weight(params: dict, config: ModelConfig) -> jax.Array:
 
 
 def token_logprobs(hidden: jax.Array, out_weight: jax.Array, targets: jax.Array, *, chunk_size: int = 512,
-                   temperature: float = 1.0) -> jax.Array:
+                   temperature: float = 1.0, return_entropy: bool = False):
     """log_softmax(hidden @ out_weight / temperature)[target] per position, computed chunk by chunk.
+
+    With `return_entropy`, also the entropy of each position's distribution at that temperature,
+    H = −Σ p·log p with p = softmax(logits / temperature), from the same chunk of logits
+    (so it costs no second pass and never holds [B, T, V] either); it is differentiable, for an
+    entropy bonus.
 
     Args:
       hidden: [B, T, D] final-normed hidden states.
@@ -31,7 +35,7 @@ def token_logprobs(hidden: jax.Array, out_weight: jax.Array, targets: jax.Array,
       chunk_size: positions per chunk; T is padded up to a multiple of it.
       temperature: logits are divided by it (the sampler's temperature, for behaviour logprobs).
     Returns:
-      [B, T] float32 logprobs.
+      [B, T] float32 logprobs, or (logprobs, entropy) both [B, T] float32 with `return_entropy`.
     """
     if hidden.ndim != 3:
         raise ValueError(f"token_logprobs: hidden must be [B, T, D], got {hidden.shape}")
@@ -56,19 +60,26 @@ def token_logprobs(hidden: jax.Array, out_weight: jax.Array, targets: jax.Array,
     def chunk_logprobs(h_c, y_c):
         logits = jnp.einsum("bcd,dv->bcv", h_c, out_weight, preferred_element_type=jnp.float32) / temperature
         picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        if not return_entropy:
+            return picked - log_z
+        # -Σ p·log p with log p formed first: logsumexp(z) − Σ p·z cancels badly when z is large.
+        logp_all = logits - log_z[..., None]
+        return picked - log_z, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
     _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_logprobs(*xs)), None, (h, y))
-    return out.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]  # noqa: E731
+    return jax.tree.map(unchunk, out)
 
 
 def model_token_logprobs(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
                          targets: jax.Array, *, segment_ids: jax.Array | None = None,
                          routing: jax.Array | None = None, chunk_size: int = 512, temperature: float = 1.0,
-                         remat: bool = False) -> tuple[jax.Array, ModelAux]:
+                         remat: bool = False, return_entropy: bool = False):
     """Runs the decoder on `tokens` [B, T] and returns the logprobs [B, T] float32 of `targets` [B, T]
-    at each position, with the model's ModelAux (aux loss, routed experts when MoE)."""
+    at each position (with `return_entropy`: (logprobs, entropy), see `token_logprobs`), and the
+    model's ModelAux (aux loss, routed experts and the routers' own choice when MoE)."""
     hidden, aux = qwen3.forward(params, config, tokens, positions, segment_ids=segment_ids, routing=routing,
                                 return_routing=config.is_moe, return_hidden=True, remat=remat)
     return token_logprobs(hidden, output_weight(params, config), targets, chunk_size=chunk_size,
-                          temperature=temperature), aux
+                          temperature=temperature, return_entropy=return_entropy), aux

@@ -19,12 +19,15 @@ class Routing(NamedTuple):
 
     probs: [N, E] float32 softmax over all experts (the aux loss needs all of them).
     weights: [N, k] float32 gate of each chosen expert (renormalised when norm_topk_prob).
-    ids: [N, k] int32 chosen experts.
+    ids: [N, k] int32 chosen experts (the replayed ones under routing replay).
+    own_ids: [N, k] int32 the experts this router's own top-k picks; equal to `ids` unless replayed
+      (their disagreement measures how far the sampler's routing is from the learner's).
     """
 
     probs: jax.Array
     weights: jax.Array
     ids: jax.Array
+    own_ids: jax.Array
 
 
 def route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool,
@@ -40,14 +43,15 @@ def route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool,
         the gate weights are still recomputed from this router's probabilities at those ids, so
         gradients reach the router. Ids must lie in [0, E).
     Returns:
-      `Routing(probs [N, E] f32, weights [N, k] f32, ids [N, k] int32)`.
+      `Routing(probs [N, E] f32, weights [N, k] f32, ids [N, k] int32, own_ids [N, k] int32)`.
     """
     if x.ndim != 2 or router.ndim != 2 or x.shape[1] != router.shape[0]:
         raise ValueError(f"route: x must be [N, D] and router [D, E], got x {x.shape} router {router.shape}")
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), router.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
+    top_weights, own_ids = jax.lax.top_k(probs, top_k)
     if routing is None:
-        weights, ids = jax.lax.top_k(probs, top_k)
+        weights, ids = top_weights, own_ids
     else:
         if routing.shape != (x.shape[0], top_k):
             raise ValueError(f"route: routing must be [N, k] = {(x.shape[0], top_k)}, got {routing.shape}")
@@ -55,7 +59,7 @@ def route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool,
         weights = jnp.take_along_axis(probs, ids, axis=-1)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(probs, weights, ids.astype(jnp.int32))
+    return Routing(probs, weights, ids.astype(jnp.int32), own_ids.astype(jnp.int32))
 
 
 def ragged_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
@@ -169,7 +173,7 @@ def load_balancing_loss(probs: jax.Array, ids: jax.Array, *, mask: jax.Array | N
 
 def moe_mlp(params: dict, x: jax.Array, *, top_k: int, norm_topk_prob: bool, impl: str = "ragged",
             routing: jax.Array | None = None, mask: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The MoE block of one layer.
 
     Args:
@@ -182,7 +186,8 @@ def moe_mlp(params: dict, x: jax.Array, *, top_k: int, norm_topk_prob: bool, imp
       routing: optional [N, k] int32 expert ids to replay.
       mask: optional [N], 1 = real token; only the aux loss uses it.
     Returns:
-      (y [N, D] x.dtype, aux_loss scalar float32 (unscaled), ids [N, k] int32).
+      (y [N, D] x.dtype, aux_loss scalar float32 (unscaled), ids [N, k] int32 the experts used,
+      own_ids [N, k] int32 the router's own top-k, which differs from ids only under replay).
     """
     r = route(x, params["router"], top_k=top_k, norm_topk_prob=norm_topk_prob, routing=routing)
     if impl == "ragged":
@@ -195,4 +200,4 @@ def moe_mlp(params: dict, x: jax.Array, *, top_k: int, norm_topk_prob: bool, imp
     else:
         raise ValueError(f"moe_mlp: impl must be 'ragged' or 'dense', got {impl!r}")
     y = experts(x, r.ids, r.weights, params["gate_proj"], params["up_proj"], params["down_proj"])
-    return y.astype(x.dtype), load_balancing_loss(r.probs, r.ids, mask=mask), r.ids
+    return y.astype(x.dtype), load_balancing_loss(r.probs, r.ids, mask=mask), r.ids, r.own_ids

@@ -36,13 +36,17 @@ class ModelAux(NamedTuple):
 
     aux_loss: scalar float32, the layer mean of the unscaled load-balancing loss (0 for dense models);
       the caller multiplies by `config.router_aux_loss_coef`.
-    routing: [L, B, T, k] int32 routed expert ids when requested on an MoE model, else None.
+    routing: [L, B, T, k] int32 routed expert ids (the replayed ones under replay) when requested on
+      an MoE model, else None.
     cache: the updated KVCache when one was passed, else None.
+    own_routing: [L, B, T, k] int32 the experts each router would pick by itself, when routing was
+      requested; equal to `routing` unless routing was replayed.
     """
 
     aux_loss: jax.Array
     routing: jax.Array | None
     cache: KVCache | None
+    own_routing: jax.Array | None = None
 
 
 def _param_spec(config: ModelConfig) -> dict:
@@ -182,11 +186,11 @@ def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask
     mlp = layer["mlp"]
     if c.is_moe:
         flat_routing = None if routing is None else routing.reshape(b * t, -1)
-        y, aux, ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
+        y, aux, ids, own_ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
                                   norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, routing=flat_routing,
                                   mask=token_mask.reshape(-1))
         y = y.reshape(b, t, d)
-        ids = ids.reshape(b, t, -1)
+        ids = jnp.stack([ids.reshape(b, t, -1), own_ids.reshape(b, t, -1)])
     else:
         gate = jnp.einsum("btd,df->btf", x, mlp["gate_proj"])
         up = jnp.einsum("btd,df->btf", x, mlp["up_proj"])
@@ -274,7 +278,9 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     h = rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
 
     new_cache = None if new_kv is None else KVCache(*new_kv)
-    aux = ModelAux(jnp.mean(aux_losses), ids if (return_routing and c.is_moe) else None, new_cache)
+    want = return_routing and c.is_moe
+    # ids: [L, 2, B, T, k], the experts used and the router's own choice per layer.
+    aux = ModelAux(jnp.mean(aux_losses), ids[:, 0] if want else None, new_cache, ids[:, 1] if want else None)
     if return_hidden:
         return h, aux
     if c.tie_word_embeddings:

@@ -1,5 +1,17 @@
 """The clipped policy-gradient loss of GRPO, with clip-higher, dual clip and truncated importance
-weights for off-policy rollouts."""
+weights for off-policy rollouts.
+
+Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization"; AReaL, Fu et
+al. 2025, sec. 4.2) separates the policy that sampled the data from the one the update is anchored
+to. Three logprobs of each token:
+  behaviour  log π_behav: what the rollout engine returned (`rollout_logp`), possibly several
+             versions old and computed by other kernels;
+  proximal   log π_prox: the learner's recomputation with the params at the start of this update
+             (`old_logp`), once per batch, before any gradient step;
+  current    log π_θ: differentiated (`logp`).
+The trust region is the clip on π_θ / π_prox; the off-policy correction is the importance weight
+π_prox / π_behav, truncated at `tis_cap` and held constant.
+"""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -64,7 +76,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float, eps_high: f
         approx_kl: k3 estimate of KL(π_old ‖ π), mean of (r − 1) − log r;
         ratio_mean, ratio_max, ratio_min: statistics of r (1.0 when no token is valid);
         dual_clip_frac (dual clip on): share of tokens where the dual clip is active;
-        tis_weight_mean (importance weights on): mean of the truncated weights.
+        tis_weight_mean (importance weights on): mean of the truncated weights;
+        tis_truncated_frac (importance weights on): share of tokens whose weight the cap cut.
     """
     AGGREGATIONS.get(agg)  # fail on a bad mode before any tracing work
     check_static_number(eps_low, "eps_low", low=0.0, high=1.0, high_inclusive=False)
@@ -115,9 +128,11 @@ def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float, eps_high: f
         rollout_logp = as_float_array(rollout_logp, "rollout_logp")
         check_shape(rollout_logp, shape, "rollout_logp", "[B, T]")
         rollout_logp = jnp.where(keep, rollout_logp, 0.0)
-        tis_weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(old_logp - rollout_logp), tis_cap))
+        raw_weight = jax.lax.stop_gradient(jnp.exp(old_logp - rollout_logp))
+        tis_weight = jnp.minimum(raw_weight, tis_cap)
         per_token = per_token * tis_weight
         metrics["tis_weight_mean"] = _masked_mean(tis_weight, keep, count)
+        metrics["tis_truncated_frac"] = _masked_mean((raw_weight > tis_cap).astype(per_token.dtype), keep, count)
 
     if sample_weights is not None:
         sample_weights = as_float_array(sample_weights, "sample_weights")

@@ -35,19 +35,32 @@ class Generation:
     """One finished request.
 
     `logprobs[i]` is the log-probability of `output_ids[i]` under the distribution it was sampled
-    from (after temperature); `weight_version` is the policy version that produced it.
+    from: log softmax(logits / temperature)[token], after temperature and before top-k / top-p
+    truncation (both engines report this, and the learner recomputes the same quantity);
+    `weight_version` is the policy version that produced it.
+
+    `routing` (MoE models, when the engine was asked for it): [L, P + T, k] int32, the k experts
+    each of the L layers routed each position to, prompt positions first (P = prompt length,
+    T = len(output_ids)); -1 where the engine never ran that position through the model (the last
+    sampled token). The learner replays it (`train.routing_replay`).
     """
 
     output_ids: list[int]
     logprobs: list[float]
     finish_reason: str
     weight_version: int
+    routing: Any = None
 
     def __post_init__(self):
         if len(self.output_ids) != len(self.logprobs):
             raise ValueError(f"{len(self.output_ids)} output ids but {len(self.logprobs)} logprobs")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if self.routing is not None:
+            shape = getattr(self.routing, "shape", None)
+            if shape is None or len(shape) != 3 or shape[1] < len(self.output_ids):
+                raise ValueError(f"routing must be [L, P + T, k] with T = {len(self.output_ids)} output tokens, "
+                                 f"got shape {shape}")
 
 
 @runtime_checkable

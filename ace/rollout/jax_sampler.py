@@ -11,6 +11,11 @@ sampler heuristic the learner does not model; at temperature 1 these numbers are
 learner recomputes with `ace.models.logprobs.token_logprobs`. For greedy requests (temperature 0)
 the temperature-scaled distribution is a point mass, so the logprob at temperature 1 is returned.
 
+Routing. With `return_routing` on an MoE model, each `Generation.routing` holds the experts every
+layer routed every position to ([L, P + T, k]: the prompt from prefill, then each output token
+from the decode step that fed it; -1 for the last output token, which is never fed), for the
+learner to replay.
+
 Randomness. Request i draws step t from `fold_in(key(seed_i), t)`, so its tokens depend on its own
 seed and prompt only, never on which other requests share the batch. A request without a seed
 gets one from the engine's own generator.
@@ -114,11 +119,13 @@ class JaxSampler:
       mesh: optional mesh; params are sharded on it with the rules table and computation runs under it.
       weight_version: the version of `params`.
       seed: seeds the generator that gives seeds to requests without one.
+      return_routing: fill `Generation.routing` (MoE models only; ignored for dense ones).
     """
 
     def __init__(self, params: Any, config: ModelConfig, *, max_batch: int, max_prompt_len: int,
                  max_new_tokens: int, prompt_buckets: Sequence[int] = (32, 128, 512), max_stop_ids: int = 8,
-                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0, seed: int = 0):
+                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0, seed: int = 0,
+                 return_routing: bool = False):
         for name, value in (("max_batch", max_batch), ("max_prompt_len", max_prompt_len),
                             ("max_new_tokens", max_new_tokens), ("max_stop_ids", max_stop_ids)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -137,14 +144,17 @@ class JaxSampler:
             raise ValueError(f"JaxSampler: max_prompt_len + max_new_tokens = {self.cache_len} exceeds "
                              f"config.max_position_embeddings = {config.max_position_embeddings}")
         self.mesh = mesh
+        self.return_routing = bool(return_routing) and config.is_moe
         self._lock = threading.Lock()
         self._seed_rng = np.random.default_rng(seed)
         self._params = self._place(params)
         self._version = int(weight_version)
         # Counts traces (= compilations) per jitted function; the tests hold it to one per shape.
         self.trace_counts: collections.Counter[str] = collections.Counter()
-        self._prefill = jax.jit(functools.partial(self._prefill_impl, config=config, cache_len=self.cache_len))
-        self._decode = jax.jit(functools.partial(self._decode_impl, config=config, max_new=max_new_tokens))
+        self._prefill = jax.jit(functools.partial(self._prefill_impl, config=config, cache_len=self.cache_len,
+                                                  routing=self.return_routing))
+        self._decode = jax.jit(functools.partial(self._decode_impl, config=config, max_new=max_new_tokens,
+                                                 routing=self.return_routing))
 
     @property
     def weight_version(self) -> int:
@@ -169,36 +179,40 @@ class JaxSampler:
 
     # ----- jitted bodies ---------------------------------------------------------------------------
 
-    def _prefill_impl(self, params, tokens, lengths, *, config: ModelConfig, cache_len: int):
-        """tokens [B, P] right-padded, lengths [B] -> (next-token logits [B, V] f32, KVCache of cache_len)."""
+    def _prefill_impl(self, params, tokens, lengths, *, config: ModelConfig, cache_len: int, routing: bool):
+        """tokens [B, P] right-padded, lengths [B] -> (next-token logits [B, V] f32, KVCache of cache_len,
+        routed experts [L, B, P, k] int32 or None)."""
         self.trace_counts["prefill"] += 1
         b, p = tokens.shape
         cache = qwen3.init_cache(config, b, cache_len, dtype=config.param_dtype)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        hidden, aux = qwen3.forward(params, config, tokens, positions, cache=cache, return_hidden=True)
+        hidden, aux = qwen3.forward(params, config, tokens, positions, cache=cache, return_hidden=True,
+                                    return_routing=routing)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         logits = jnp.einsum("bd,dv->bv", last, output_weight(params, config), preferred_element_type=jnp.float32)
-        return logits, aux.cache
+        return logits, aux.cache, aux.routing
 
     def _decode_impl(self, params, logits, cache, lengths, seeds, temperature, top_p, top_k, stop_ids,
-                     row_max_new, active, *, config: ModelConfig, max_new: int):
+                     row_max_new, active, *, config: ModelConfig, max_new: int, routing: bool):
         """The sampling loop as one `lax.while_loop`, ending early once every row is done.
 
         Args: logits [B, V] f32 after prefill; cache KVCache; lengths [B] int32 prompt lengths;
           seeds [B] uint32; temperature, top_p [B] f32; top_k [B] int32; stop_ids [B, S] int32 (-1 pad);
           row_max_new [B] int32; active [B] bool (False for padding rows).
-        Returns: (tokens [B, max_new] int32, logprobs [B, max_new] f32, counts [B] int32, stopped [B] bool).
+        Returns: (tokens [B, max_new] int32, logprobs [B, max_new] f32, counts [B] int32, stopped [B] bool,
+          routed experts [L, B, max_new, k] int32 of each fed output token (-1 where not fed), or None).
         """
         self.trace_counts["decode"] += 1
         b = logits.shape[0]
         keys = jax.vmap(jax.random.key)(seeds)
+        n_routes = (config.num_layers, b, max_new, config.num_experts_per_tok) if routing else (0, b, max_new, 0)
 
         def cond(state):
             t, _, _, done, *_ = state
             return (t < max_new) & ~jnp.all(done)
 
         def body(state):
-            t, logits, cache, done, counts, stopped, out_tokens, out_logp = state
+            t, logits, cache, done, counts, stopped, out_tokens, out_logp, routes = state
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
             tokens, logp = sample_tokens(logits, step_keys, temperature, top_p, top_k)
             writing = ~done
@@ -212,16 +226,21 @@ class JaxSampler:
             def step(_):
                 # The token sampled at step t sits at position prompt_len + t, its cache slot.
                 positions = (lengths + t)[:, None]
-                next_logits, aux = qwen3.forward(params, config, tokens[:, None], positions, cache=cache)
-                return next_logits[:, 0], aux.cache
+                next_logits, aux = qwen3.forward(params, config, tokens[:, None], positions, cache=cache,
+                                                 return_routing=routing)
+                fed = routes
+                if routing:  # aux.routing [L, B, 1, k]: the experts of the token just fed
+                    fed = routes.at[:, :, t].set(jnp.where(done[None, :, None], -1, aux.routing[:, :, 0]))
+                return next_logits[:, 0], aux.cache, fed
 
-            logits, cache = jax.lax.cond(jnp.all(done), lambda _: (logits, cache), step, None)
-            return t + 1, logits, cache, done, counts, stopped, out_tokens, out_logp
+            logits, cache, routes = jax.lax.cond(jnp.all(done), lambda _: (logits, cache, routes), step, None)
+            return t + 1, logits, cache, done, counts, stopped, out_tokens, out_logp, routes
 
         init = (jnp.int32(0), logits, cache, ~active, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
-                jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32))
-        _, _, _, _, counts, stopped, out_tokens, out_logp = jax.lax.while_loop(cond, body, init)
-        return out_tokens, out_logp, counts, stopped
+                jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32),
+                jnp.full(n_routes, -1, jnp.int32))
+        _, _, _, _, counts, stopped, out_tokens, out_logp, routes = jax.lax.while_loop(cond, body, init)
+        return out_tokens, out_logp, counts, stopped, (routes if routing else None)
 
     # ----- host side -------------------------------------------------------------------------------
 
@@ -283,12 +302,24 @@ class JaxSampler:
             row_seeds[i] = seeds[i] % _SEED_MODULUS
         active = np.arange(b) < n
         with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            logits, cache = self._prefill(model_params, tokens, lengths)
+            logits, cache, prompt_routes = self._prefill(model_params, tokens, lengths)
             out = self._decode(model_params, logits, cache, lengths, row_seeds, temperature, top_p, top_k,
                                stop_ids, row_max_new, active)
-        out_tokens, out_logp, counts, stopped = jax.device_get(out)
+        out_tokens, out_logp, counts, stopped, routes = jax.device_get(out)
+        prompt_routes = jax.device_get(prompt_routes)
+
+        def row_routing(i: int):
+            if routes is None:
+                return None
+            # The last output token was sampled but never fed: its experts are unknown (-1).
+            fed = routes[:, i, :counts[i]].copy()
+            if counts[i]:
+                fed[:, -1] = -1
+            return np.concatenate([prompt_routes[:, i, :lengths[i]], fed], axis=1)
+
         return [Generation(output_ids=out_tokens[i, :counts[i]].tolist(),
                            logprobs=out_logp[i, :counts[i]].tolist(),
-                           finish_reason="stop" if stopped[i] else "length", weight_version=version)
+                           finish_reason="stop" if stopped[i] else "length", weight_version=version,
+                           routing=row_routing(i))
                 for i in range(n)]
 

@@ -1,10 +1,11 @@
 """SGLang engine: an HTTP client per server and a RolloutEngine over a pool of servers.
 
 Wire format (SGLang HTTP server, 0.5.x):
-  POST /generate {"input_ids": [[...], ...], "sampling_params": [{...}, ...], "return_logprob": true}
+  POST /generate {"input_ids": [[...], ...], "sampling_params": [{...}, ...], "return_logprob": true,
+                  "return_routed_experts": true (MoE, only when asked)}
     -> one object per prompt: {"output_ids": [...], "meta_info": {"output_token_logprobs":
        [[logprob, token_id, text], ...], "finish_reason": {"type": "stop"|"length"|"abort", ...},
-       "weight_version": "<str>"}}
+       "weight_version": "<str>", "routed_experts": "<base64>" (see parse_routed_experts)}}
   POST /update_weights_from_disk {"model_path", "weight_version"} -> {"success", "message"}
   POST /pause_generation {"mode"}, POST /continue_generation, POST /flush_cache, GET /health.
 Weight versions travel as strings; a server that was never updated reports "default".
@@ -24,6 +25,7 @@ import numpy as np
 import requests
 
 from ace.rollout.engine import Generation, SamplingParams
+from ace.rollout.sglang_routing import RoutingFormatError, RoutingLayout, parse_routed_experts
 from ace.rollout.sglang_server import SGLangServer
 
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -59,8 +61,13 @@ def parse_weight_version(raw: Any, *, initial_version: int) -> int:
         raise SGLangRequestError(f"weight_version {raw!r} is not an integer version") from None
 
 
-def parse_generation(obj: dict, *, initial_version: int) -> Generation:
-    """One /generate result -> Generation; logprobs come from `output_token_logprobs` triples."""
+def parse_generation(obj: dict, *, initial_version: int, prompt_len: int | None = None,
+                     routing: RoutingLayout | None = None) -> Generation:
+    """One /generate result -> Generation; logprobs come from `output_token_logprobs` triples.
+
+    With `routing` (and `prompt_len`, the request's P), `meta_info.routed_experts` becomes
+    `Generation.routing` [L, P + T, k]; an aborted request may lack it (it is redone anyway).
+    """
     try:
         meta = obj["meta_info"]
         triples = meta["output_token_logprobs"]
@@ -75,9 +82,24 @@ def parse_generation(obj: dict, *, initial_version: int) -> Generation:
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind not in ("stop", "length", "abort"):
         raise SGLangRequestError(f"unknown finish_reason {reason!r}")
+    routed = None
+    if routing is not None:
+        if prompt_len is None:
+            raise ValueError("parse_generation: routing needs prompt_len")
+        raw = meta.get("routed_experts")
+        if raw is not None:
+            try:
+                routed = parse_routed_experts(raw, num_positions=prompt_len + len(ids), layout=routing)
+            except RoutingFormatError as e:
+                raise SGLangRequestError(str(e)) from None
+        elif kind != "abort":
+            raise SGLangRequestError(
+                "/generate result has no meta_info.routed_experts although return_routed_experts was asked: "
+                "launch the server with --enable-return-routed-experts (rollout.return_routing=true), and "
+                "send requests to it directly (sglang-router 0.3 drops the field)")
     return Generation(output_ids=ids, logprobs=[float(t[0]) for t in triples], finish_reason=kind,
                       weight_version=parse_weight_version(meta.get("weight_version"),
-                                                          initial_version=initial_version))
+                                                          initial_version=initial_version), routing=routed)
 
 
 def read_architectures(model_path: str | os.PathLike) -> tuple[str, ...]:
@@ -92,13 +114,29 @@ def read_architectures(model_path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(archs)
 
 
-class SGLangClient:
-    """HTTP client for one server. Raises ServerUnavailable or SGLangRequestError."""
+def _resolve_routing_layout(servers: Sequence[Any], given: RoutingLayout | None) -> RoutingLayout:
+    """`given`, else the layout of the first server's HF folder (raises when no server has one)."""
+    if given is not None:
+        return given
+    for server in servers:
+        if getattr(server, "model_path", None) is not None:
+            return RoutingLayout.from_hf_config(server.model_path)
+    raise ValueError("return_routing=True but no server has a model_path to read the MoE layout from (servers "
+                     "given by URL): pass routing_layout=RoutingLayout.from_hf_config(<the served HF folder>)")
 
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0, initial_version: int = 0):
+
+class SGLangClient:
+    """HTTP client for one server. Raises ServerUnavailable or SGLangRequestError.
+
+    With `routing`, every /generate asks for the routed experts and fills `Generation.routing`.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0, initial_version: int = 0,
+                 routing: RoutingLayout | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.initial_version = initial_version
+        self.routing = routing
         self._session = requests.Session()
 
     def _post(self, endpoint: str, payload: dict | None = None, *, timeout_s: float | None = None):
@@ -125,12 +163,15 @@ class SGLangClient:
             payload = {"input_ids": [[int(t) for t in p] for p in prompts],
                        "sampling_params": [to_sglang_sampling_params(p) for p in params],
                        "return_logprob": True}
+        if self.routing is not None:
+            payload["return_routed_experts"] = True  # one flag for the whole batch (SGLang takes a bool)
         out = self._post("/generate", payload).json()
         if isinstance(out, dict):
             out = [out]
         if len(out) != len(prompts):
             raise SGLangRequestError(f"/generate returned {len(out)} results for {len(prompts)} prompts")
-        return [parse_generation(o, initial_version=self.initial_version) for o in out]
+        return [parse_generation(o, initial_version=self.initial_version, prompt_len=len(p), routing=self.routing)
+                for o, p in zip(out, prompts)]
 
     def model_info(self) -> dict:
         """GET /model_info: model_path, weight_version, architectures, ..."""
@@ -204,6 +245,11 @@ class SGLangEngine:
         router balances and retries), while weight loads, health and restarts stay per server.
       monitor_interval_s: when given, a thread checks every server this often and restarts a dead
         one even when no request of ours has hit it (with a router, ours never do).
+      return_routing: MoE only: ask every request for its routed experts and fill
+        `Generation.routing` [L, P + T, k] (servers launched with --enable-return-routed-experts;
+        sglang-router 0.3 drops the request field, so do not combine with `router_url`).
+      routing_layout: the served model's layout of routed experts; default: from the config.json
+        of the first server that has a `model_path` (servers given by URL have none: pass it).
     """
 
     supports_concurrent_update = True
@@ -212,7 +258,8 @@ class SGLangEngine:
                  export_dir: str | os.PathLike, initial_version: int = 0, max_attempts: int = 3,
                  pause_mode: str = "abort", keep_versions: int = 2, request_timeout_s: float = 600.0,
                  restart_timeout_s: float = 600.0, max_concurrency: int = 64, router_url: str | None = None,
-                 monitor_interval_s: float | None = None):
+                 monitor_interval_s: float | None = None, return_routing: bool = False,
+                 routing_layout: RoutingLayout | None = None):
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         if max_attempts < 1:
@@ -226,8 +273,10 @@ class SGLangEngine:
         self.export_dir = Path(export_dir)
         self.max_attempts, self.pause_mode, self.keep_versions = max_attempts, pause_mode, keep_versions
         self.restart_timeout_s = restart_timeout_s
-        self._clients = [SGLangClient(s.url, timeout_s=request_timeout_s, initial_version=initial_version)
-                         for s in self.servers]
+        self.return_routing = bool(return_routing)
+        self.routing_layout = _resolve_routing_layout(self.servers, routing_layout) if return_routing else None
+        self._clients = [SGLangClient(s.url, timeout_s=request_timeout_s, initial_version=initial_version,
+                                      routing=self.routing_layout) for s in self.servers]
         self._version = initial_version
         self._initial_version = initial_version
         self._current_path: Path | None = None  # the folder of the served version, once one was pushed
@@ -239,8 +288,8 @@ class SGLangEngine:
         self.recovery_errors: list[str] = []  # why a server could not be brought back
         self.stats = {"requests": 0, "retries": 0, "aborted_retries": 0, "restarts": 0}
         self.router_url = router_url
-        self._router = (SGLangClient(router_url, timeout_s=request_timeout_s, initial_version=initial_version)
-                        if router_url else None)
+        self._router = (SGLangClient(router_url, timeout_s=request_timeout_s, initial_version=initial_version,
+                                     routing=self.routing_layout) if router_url else None)
         self._closed = threading.Event()
         self._monitor = None
         if monitor_interval_s is not None:

@@ -12,6 +12,9 @@ Topology:
   * `urls` given: those servers are used as they are (never restarted by ace).
   * More than one server: requests go through sglang-router, launched by ace (`router: auto`) or
     given by `router_url`. Weight loads always go to each server directly.
+  * `return_routing: true` (MoE routing replay): servers launch with --enable-return-routed-experts
+    and every Generation carries its routed experts. sglang-router drops that request field, so
+    the engine then balances over the servers itself (`router: auto` launches none).
 
 Weights travel as HF folders: the learner's params are exported to `<export_dir>/v00000042` and
 loaded with `/update_weights_from_disk` under their version. `export_dir` defaults to a folder in
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import requests
 
 from ace.rollout.sglang import SGLangEngine
+from ace.rollout.sglang_routing import RoutingLayout
 from ace.rollout.sglang_server import (ExternalServer, ServerStartError, SGLangRouter, SGLangServer, find_free_port,
                                        _port_is_free)
 
@@ -113,6 +117,7 @@ class SGLangPoolConfig:
     monitor_interval_s: float = 1.0
     sync_every: int = 1
     check_logprobs: bool = False
+    return_routing: bool = False
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -132,6 +137,13 @@ class SGLangPoolConfig:
                 raise PoolConfigError(f"rollout.urls / rollout.router_url: {url!r} is not an http(s):// URL")
         if self.router == "never" and self.router_url:
             raise PoolConfigError("rollout.router=never but rollout.router_url is set; drop one of them")
+        need(isinstance(self.return_routing, bool), "return_routing", "true or false")
+        if self.return_routing and (self.router == "always" or self.router_url):
+            # sglang-router 0.3 parses /generate into its own request type, which has no
+            # return_routed_experts: the field never reaches the servers (meta_info comes back without it).
+            raise PoolConfigError("rollout.return_routing=true cannot go through sglang-router (it drops the "
+                                  "return_routed_experts field); set rollout.router=auto or never and leave "
+                                  "rollout.router_url unset: ace then balances over the servers itself")
 
     @classmethod
     def from_cfg(cls, rollout: Mapping[str, Any]) -> "SGLangPoolConfig":
@@ -157,7 +169,8 @@ class SGLangPoolConfig:
     def uses_router(self) -> bool:
         if self.router_url:
             return True
-        return self.router == "always" or (self.router == "auto" and self.servers > 1)
+        # With return_routing, "auto" means no router: it would drop the routed-experts request field.
+        return self.router == "always" or (self.router == "auto" and self.servers > 1 and not self.return_routing)
 
     def server_gpus(self) -> list[tuple[int, ...] | None]:
         """The GPU ids of each launched server (None on the CPU)."""
@@ -236,7 +249,8 @@ class SGLangPool:
                     servers.append(SGLangServer(model_path, port=ports[i], host=cfg.host, tp_size=cfg.tp_size,
                                                 extra_args=extra, log_path=log_dir / f"server_{i}.log",
                                                 python=python, env=server_env, weight_version=initial_version,
-                                                startup_timeout_s=cfg.startup_timeout_s))
+                                                startup_timeout_s=cfg.startup_timeout_s,
+                                                return_routing=cfg.return_routing))
                 _start_all(servers)
             else:
                 servers = [ExternalServer(u) for u in cfg.urls]
@@ -261,7 +275,9 @@ class SGLangPool:
                                   keep_versions=cfg.keep_versions, pause_mode=cfg.pause_mode,
                                   request_timeout_s=cfg.request_timeout_s, restart_timeout_s=cfg.startup_timeout_s,
                                   max_concurrency=cfg.max_concurrency, router_url=router_url,
-                                  monitor_interval_s=cfg.monitor_interval_s)
+                                  monitor_interval_s=cfg.monitor_interval_s, return_routing=cfg.return_routing,
+                                  routing_layout=RoutingLayout.from_hf_config(model_path) if cfg.return_routing
+                                  else None)
         except BaseException:
             for p in [router, *servers]:
                 if p is not None:

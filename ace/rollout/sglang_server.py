@@ -20,6 +20,10 @@ from typing import Mapping, Sequence
 import requests
 
 
+# SGLang's launch flag that makes a server record the experts each MoE layer routes each token to.
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"
+
+
 class ServerStartError(RuntimeError):
     """The server process exited or never answered /health; the message carries its log tail."""
 
@@ -188,6 +192,9 @@ class SGLangServer(ManagedProcess):
       env: extra environment variables (e.g. SGLANG_USE_CPU_ENGINE=1, PYTHONPATH for shims).
       module: the module run with `-m`; tests point it at a stand-in server.
       startup_timeout_s: how long `start()` waits for /health.
+      return_routing: launch with `--enable-return-routed-experts` (MoE models), so that requests
+        may ask for the experts each layer routed each token to (routing replay). On the CPU build
+        the server needs the shim of tests/support/sglang_env on PYTHONPATH for it.
     """
 
     kind = "SGLang server"
@@ -196,7 +203,8 @@ class SGLangServer(ManagedProcess):
                  host: str = "127.0.0.1", extra_args: Sequence[str] = (),
                  log_path: str | os.PathLike | None = None, python: str = sys.executable,
                  env: Mapping[str, str] | None = None, module: str = "sglang.launch_server",
-                 startup_timeout_s: float = 600.0, weight_version: int | None = None):
+                 startup_timeout_s: float = 600.0, weight_version: int | None = None,
+                 return_routing: bool = False):
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         if not Path(model_path, "config.json").is_file():
@@ -210,11 +218,13 @@ class SGLangServer(ManagedProcess):
         # The version tag a (re)start serves under (`--weight-version`); the engine moves it with
         # `model_path`, so a restarted server never answers with the launch-time tag.
         self.weight_version = weight_version
+        self.return_routing = return_routing
 
     def command(self) -> list[str]:
         version = [] if self.weight_version is None else ["--weight-version", str(self.weight_version)]
+        routing = [ROUTED_EXPERTS_FLAG] if self.return_routing and ROUTED_EXPERTS_FLAG not in self.extra_args else []
         return [self.python, "-m", self.module, "--model-path", str(self.model_path), "--host", self.host,
-                "--port", str(self.port), "--tp-size", str(self.tp_size), *version, *self.extra_args]
+                "--port", str(self.port), "--tp-size", str(self.tp_size), *version, *routing, *self.extra_args]
 
 
 class SGLangRouter(ManagedProcess):

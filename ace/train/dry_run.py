@@ -417,10 +417,11 @@ def run_dry_run(cfg: Mapping[str, Any]) -> MemoryReport:
     mesh = make_dry_run_mesh(resolve_mesh_shape(mesh_cfg, num_devices))
     t = cfg["train"]
     rows = int(t["tasks_per_step"]) * int(t["group_size"])
-    micro = learner_config.micro_batches
+    # Each of the `minibatches` optimizer steps takes rows / minibatches, in micro_batches slices.
+    micro = learner_config.micro_batches * learner_config.minibatches
     if rows % micro:
         raise ValueError(f"train.tasks_per_step * train.group_size = {rows} is not a multiple of "
-                         f"train.micro_batches = {micro}")
+                         f"train.micro_batches * train.minibatches = {micro}")
     seq_len = int(cfg["rollout"]["max_prompt_tokens"]) + int(cfg["rollout"]["max_new_tokens"])
     report = plan_memory(model_config, learner_config, mesh, micro_batch_rows=rows // micro, seq_len=seq_len,
                          with_reference=learner_config.kl_coef > 0, model_name=str(cfg["model"]["name"]))

@@ -59,7 +59,14 @@ class RunEngine:
         self.close()
 
 
-def make_jax_sampler(params: Any, model_config: Any, rollout: Mapping[str, Any], *, max_batch: int, seed: int):
+def wants_routing(cfg: Mapping[str, Any]) -> bool:
+    """Whether the engine must return routed experts: asked for (rollout.return_routing), or needed
+    by the learner (train.routing_replay)."""
+    return bool(cfg["rollout"].get("return_routing")) or bool(cfg.get("train", {}).get("routing_replay"))
+
+
+def make_jax_sampler(params: Any, model_config: Any, rollout: Mapping[str, Any], *, max_batch: int, seed: int,
+                     return_routing: bool = False):
     """The embedded JAX sampler with two prefill buckets (half and full prompt budget)."""
     from ace.rollout.jax_sampler import JaxSampler
 
@@ -68,7 +75,8 @@ def make_jax_sampler(params: Any, model_config: Any, rollout: Mapping[str, Any],
     # two prefill buckets (half and full) cover both with two compiles.
     buckets = (max_prompt // 2,) if max_prompt >= 256 else ()
     return JaxSampler(params, model_config, max_batch=max_batch, max_prompt_len=max_prompt,
-                      max_new_tokens=int(rollout["max_new_tokens"]), prompt_buckets=buckets, seed=seed)
+                      max_new_tokens=int(rollout["max_new_tokens"]), prompt_buckets=buckets, seed=seed,
+                      return_routing=return_routing)
 
 
 def hf_exporter(model_config: Any, tokenizer: Any, source_dir: Path | None) -> Callable[[Any, Path], None]:
@@ -153,12 +161,12 @@ def open_engine(cfg: Mapping[str, Any], policy: Any, out_dir: str | Path, *, max
     kind = rollout["kind"]
     if kind == "jax_sampler":
         return RunEngine(make_jax_sampler(policy.params, policy.model_config, rollout, max_batch=max_batch,
-                                          seed=int(cfg["seed"])))
+                                          seed=int(cfg["seed"]), return_routing=wants_routing(cfg)))
     if kind != "sglang":
         raise ValueError(f"rollout.kind={kind!r}: expected 'jax_sampler' or 'sglang'")
     from ace.rollout.sglang_pool import SGLangPool, SGLangPoolConfig
 
-    pcfg = SGLangPoolConfig.from_cfg(rollout)
+    pcfg = SGLangPoolConfig.from_cfg({**rollout, "return_routing": wants_routing(cfg)})
     out_dir = Path(out_dir)
     exporter = hf_exporter(policy.model_config, policy.tokenizer, policy.hf_dir)
     if policy.source == "hf" and initial_version == 0:

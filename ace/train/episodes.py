@@ -5,6 +5,13 @@ costs as much as a full batch; here the prompts of every live episode go out in 
 resulting actions run in the sandbox side by side on a small thread pool. Randomness is explicit:
 request (episode i, turn t) samples with seed `seeds[i] * 1000 + t`, so the same seeds, states and
 weights give the same tokens whatever else runs (the engine's contract for seeded requests).
+
+Nothing else that varies between runs reaches the next prompt: the sandbox runs of one turn may
+finish in any order, but their outcomes are attached to their episodes by index, never by arrival;
+the prompt shows no wall-clock durations (`ace.env.agent.render_record`) nor workspace paths
+(`ace.env.gym.MLEEnv`); and the sandbox starts every script with fixed seeds (`ace.env.sandbox`).
+So one checkpoint evaluated twice with the same seeds gives the same episodes, token for token,
+on a quiet machine or a busy one (`tests/test_eval_determinism.py`).
 """
 from __future__ import annotations
 
@@ -83,6 +90,7 @@ def run_lockstep(envs: Sequence[Any], states: Sequence[AgentState | None], engin
             gens = engine.generate([prompts[i] for i in live], requests)
             generation_s = (time.perf_counter() - t0) / len(live)
             texts = {i: decode(tokenizer, g.output_ids) for i, g in zip(live, gens)}
+            # map() yields in the order of `live`, whichever run finishes first.
             results = dict(zip(live, pool.map(lambda i: envs[i].step(texts[i]), live)))
             for i, gen in zip(live, gens):
                 res = results[i]
@@ -92,7 +100,7 @@ def run_lockstep(envs: Sequence[Any], states: Sequence[AgentState | None], engin
                     logprobs=tuple(float(x) for x in gen.logprobs), weight_version=int(gen.weight_version),
                     action=parse_action(texts[i]), observation=res.observation, reward=res.reward,
                     duration_s=res.duration_s, generation_s=generation_s, grade=res.grade,
-                    state_after=res.state_after, outcome=res.outcome))
+                    state_after=res.state_after, outcome=res.outcome, routing=gen.routing))
             turn += 1
     episodes = []
     for i, env in enumerate(envs):

@@ -62,7 +62,8 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
       engine: an existing RolloutEngine to reuse (its compiled shapes); None builds one.
       version: with `engine`, push `params` as this version first (must not go back).
       env_factory: `comp -> env`; default: MLEEnv with the config's reward and limits.
-      prompt_cfg: the prompt limits the policy was trained with (default: the SFT corpus's).
+      prompt_cfg: the prompt limits the policy was trained with (default: the SFT corpus's); the
+        default env_factory applies env.prompt on top, as the run's own env factory does.
 
     Returns:
       EvalResult with `ace.eval` metrics (mean ± SE over seeds) and `mean_reward`, the mean total
@@ -82,7 +83,7 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
     if env_factory is None:
         env_factory = make_env_factory(sandbox, reward_cfg=reward_config(cfg), max_steps=int(env["max_steps"]),
                                        exec_timeout_s=float(env["exec_timeout_s"]), instrument=bool(env["instrument"]),
-                                       prompt_cfg=prompt_cfg or _sft_prompt_config())
+                                       prompt_cfg=prompt_config(cfg, prompt_cfg or _sft_prompt_config()))
     stop = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
     sampling = SamplingParams(max_new_tokens=int(rollout["max_new_tokens"]),
                               temperature=float(cfg["eval"]["temperature"]), top_p=float(rollout["top_p"]),
@@ -224,8 +225,11 @@ def _comp_list(value: Any) -> Any:
 
 
 def _save_run_policy_files(out_dir: Path, policy: Any) -> None:
-    """model_config.json and tokenizer/ in the run folder: what evaluation and resumption need."""
+    """model_config.json, tokenizer/ and prompt_config.json in the run folder: with checkpoints/ and
+    config.json, what `experiments/eval.py checkpoint=<out_dir>` needs to rebuild the policy and its
+    prompts (prompt_config.json holds the policy's own limits; env.prompt overrides are in config.json)."""
     (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(policy.model_config), indent=2))
+    (out_dir / "prompt_config.json").write_text(json.dumps(dataclasses.asdict(policy.prompt_cfg), indent=2))
     policy.tokenizer.save(out_dir / "tokenizer")
 
 
@@ -283,6 +287,9 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         say(f"[ace] {what} ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
         if controller:
             _save_run_policy_files(out_dir, policy)
+        if tcfg.routing_replay and not policy.model_config.is_moe:
+            raise ValueError(f"train.routing_replay=true needs an MoE policy; this one is dense (num_experts="
+                             f"{policy.model_config.num_experts}): set train.routing_replay=false")
         ref_params = None
         if tcfg.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
             from ace.models.hf import load_hf_params

@@ -2,9 +2,17 @@
 
 `train_step(state, batch) -> (state, metrics)` recomputes the learner's logprobs of the batch with
 the chunked logprob function, takes the clipped GRPO loss of `ace.rl.policy_loss` (plus an
-optional KL to a reference policy and the MoE load-balancing loss), accumulates gradients over
-micro-batches with `lax.scan`, and applies AdamW with global-norm clipping. `jit_train_step`
-compiles it once with params and optimizer state sharded by the rules table.
+optional KL to a reference policy, an entropy bonus and the MoE load-balancing loss), accumulates
+gradients over micro-batches with `lax.scan`, and applies AdamW with global-norm clipping.
+`ppo_update(state, batch)` splits the batch into `minibatches` and takes one `train_step` on each
+(verl's PPO mini-batches), all anchored to the same proximal logprobs `Batch.old_logp`, which the
+caller computes once with `learner_logprobs` before the update (decoupled PPO, see
+`ace.rl.losses`). `jit_train_step` compiles `ppo_update` once with params and optimizer state
+sharded by the rules table.
+
+Every logprob (behaviour, proximal, current, reference) is of the same distribution: softmax of
+the logits divided by the sampling temperature (`LearnerConfig.temperature`), before top-k/top-p
+truncation, which is what both rollout engines return.
 
 Token alignment. Row b of a batch holds prompt + completion tokens; column t of every per-token
 array ([B, T]) refers to the token at t + 1, which the model predicts at position t. So
@@ -49,7 +57,12 @@ class LearnerConfig:
     routing_replay: replay `Batch.routing` in MoE layers, aux_loss_coef: MoE load-balancing weight
     (None = the model config's `router_aux_loss_coef`), remat: recompute layers in the backward,
     mu_dtype: dtype of Adam's first moment (None = the params'; "bfloat16" saves 2 bytes a param,
-    what lets the 30B learner fit four 141 GB devices, see hydra_configs/exp/ace30b.yaml).
+    what lets the 30B learner fit four 141 GB devices, see hydra_configs/exp/ace30b.yaml),
+    temperature: the sampling temperature every logprob is computed at (0 = greedy sampling, whose
+    logprobs the engines report at temperature 1), entropy_coef: weight of the entropy bonus
+    (loss −= entropy_coef · token-mean entropy), norm_len: the constant normaliser of
+    agg="seq_mean_token_sum_norm" (None = the padded row length T, which varies with the batch),
+    minibatches: optimizer steps per batch in `ppo_update` (the batch is split into this many).
     """
 
     lr: float = 1e-6
@@ -76,6 +89,10 @@ class LearnerConfig:
     aux_loss_coef: float | None = None
     remat: bool = False
     mu_dtype: str | None = None
+    temperature: float = 1.0
+    entropy_coef: float = 0.0
+    norm_len: int | None = None
+    minibatches: int = 1
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -110,6 +127,18 @@ class LearnerConfig:
              "a positive int")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "None or >= 0")
         need(self.mu_dtype in (None, "float32", "bfloat16"), "mu_dtype", "None, 'float32' or 'bfloat16'")
+        need(self.temperature >= 0, "temperature", ">= 0")
+        need(self.entropy_coef >= 0, "entropy_coef", ">= 0")
+        need(self.norm_len is None or (is_int(self.norm_len) and self.norm_len > 0), "norm_len",
+             "None or an int > 0")
+        need(self.norm_len is None or self.agg == "seq_mean_token_sum_norm", "norm_len",
+             f"None with agg={self.agg!r} (it is the normaliser of 'seq_mean_token_sum_norm')")
+        need(is_int(self.minibatches) and self.minibatches >= 1, "minibatches", "an int >= 1")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature logprobs are computed at: the sampling one, or 1 for greedy sampling."""
+        return self.temperature if self.temperature > 0 else 1.0
 
 
 @flax.struct.dataclass
@@ -129,8 +158,9 @@ class Batch:
     tokens: [B, T] int32 prompt + completion, right-padded with 0.
     positions: [B, T] int32 RoPE positions.
     loss_mask: [B, T] float32, 1 where tokens[:, t + 1] is a completion token.
-    old_logp: [B, T] float32 logprob of tokens[:, t + 1] under the policy that produced the data.
-    rollout_logp: [B, T] float32 logprob of the same tokens returned by the rollout engine.
+    old_logp: [B, T] float32 proximal logprob of tokens[:, t + 1]: the learner's, with the params
+      at the start of this update (`learner_logprobs`); the PPO clip is relative to it.
+    rollout_logp: [B, T] float32 behaviour logprob of the same tokens returned by the rollout engine.
     advantages: [B] float32. sample_weights: [B] float32 loss multipliers (duration, staleness).
     ref_logp: optional [B, T] float32 logprobs of the reference policy (for the KL term).
     routing: optional [L, B, T, k] int32 routed experts to replay (MoE).
@@ -162,6 +192,29 @@ class Batch:
             raise ValueError(f"Batch.routing must be [L, B, T, k] with B, T = {(b, t)}, got {self.routing.shape}")
 
 
+def _stack_routing(samples: Sequence[Any], pad_to: int) -> np.ndarray | None:
+    """[L, B, T] x k routed experts from the samples' own `routing` ([L, P + T, k] each), or None
+    when no sample has any. Positions with no known experts (-1: a sample's last token, padding,
+    samples without routing) get experts 0..k-1: any valid set will do, since no loss token is
+    predicted from them and causal attention keeps them from earlier positions."""
+    known = [np.asarray(s.routing) for s in samples if getattr(s, "routing", None) is not None]
+    if not known:
+        return None
+    n_layers, _, k = known[0].shape
+    out = np.broadcast_to(np.arange(k, dtype=np.int32), (n_layers, len(samples), pad_to, k)).copy()
+    for i, s in enumerate(samples):
+        if getattr(s, "routing", None) is None:
+            continue
+        r = np.asarray(s.routing, np.int32)
+        if r.shape[0] != n_layers or r.shape[2] != k:
+            raise ValueError(f"make_batch: sample {i} routing has shape {r.shape}, expected [L={n_layers}, P + T, "
+                             f"k={k}] like the other samples")
+        have = np.all(r >= 0, axis=-1)  # [L, n]
+        rows = out[:, i, :r.shape[1]]
+        rows[have] = r[have]
+    return out
+
+
 def make_batch(samples: Sequence[Any], advantages, *, pad_to: int, sample_weights=None,
                routing=None) -> Batch:
     """Builds a Batch on the host from queue `Sample`s (prompt_ids, output_ids, rollout_logprobs).
@@ -171,7 +224,8 @@ def make_batch(samples: Sequence[Any], advantages, *, pad_to: int, sample_weight
       advantages: [B] floats, one per sample.
       pad_to: T, the row length; prompt + completion of every sample must fit.
       sample_weights: optional [B] floats (default 1).
-      routing: optional [L, B, T, k] ints to attach.
+      routing: optional [L, B, T, k] ints to attach; by default built from the samples' own
+        `routing` when any has it (see `_stack_routing`).
     Returns:
       A Batch of numpy arrays; old_logp starts as a copy of rollout_logp (fill it with
       `learner_logprobs` to use the learner's own numbers).
@@ -202,6 +256,8 @@ def make_batch(samples: Sequence[Any], advantages, *, pad_to: int, sample_weight
         mask[i, cols] = 1.0
         rollout_logp[i, cols] = np.asarray(s.rollout_logprobs, np.float32)
     positions = np.broadcast_to(np.arange(pad_to, dtype=np.int32), (b, pad_to)).copy()
+    if routing is None:
+        routing = _stack_routing(samples, pad_to)
     batch = Batch(tokens=tokens, positions=positions, loss_mask=mask, old_logp=rollout_logp.copy(),
                   rollout_logp=rollout_logp, advantages=advantages, sample_weights=weights,
                   routing=None if routing is None else np.asarray(routing, np.int32))
@@ -247,14 +303,17 @@ def _compute_params(params, cfg: LearnerConfig):
 
 
 def learner_logprobs(params: Any, batch: Batch, *, config: LearnerConfig, model_config: ModelConfig) -> jax.Array:
-    """The learner's logprobs [B, T] float32 of tokens[:, t + 1] at each t (0 outside the loss mask).
+    """The learner's logprobs [B, T] float32 of tokens[:, t + 1] at each t (0 outside the loss mask),
+    at `config.logprob_temperature` and with the batch's routing replayed when configured.
 
-    Use it to fill `old_logp` (the policy that produced the data) or `ref_logp` (a reference model).
+    Use it to fill `old_logp` (the proximal policy: the params at the start of the update) or
+    `ref_logp` (a frozen reference model).
     """
     routing = batch.routing if config.routing_replay else None
     logp, _ = model_token_logprobs(_compute_params(params, config), model_config, jnp.asarray(batch.tokens),
                                    jnp.asarray(batch.positions), _targets(jnp.asarray(batch.tokens)),
-                                   routing=routing, chunk_size=config.logprob_chunk_size)
+                                   routing=routing, chunk_size=config.logprob_chunk_size,
+                                   temperature=config.logprob_temperature)
     return jnp.where(jnp.asarray(batch.loss_mask) != 0, logp, 0.0)
 
 
@@ -262,7 +321,8 @@ def _loss_shares(mask: jax.Array, agg: str) -> jax.Array:
     """[M] weight of each micro-batch's aggregated loss so that their weighted sum is the full-batch loss.
 
     mask: [M, b, T]. token_mean divides by the tokens of the whole batch, seq_mean_token_mean by its
-    sequences with at least one token, seq_mean_token_sum_norm by B * norm_len (with norm_len = T fixed).
+    sequences with at least one token, seq_mean_token_sum_norm by B * norm_len (a constant, so every
+    micro-batch gets the same share).
     """
     keep = (mask != 0)
     if agg == "token_mean":
@@ -291,17 +351,37 @@ def _split_micro(batch: Batch, m: int) -> Batch:
 _MEAN_METRICS_SKIP = ("ratio_max", "ratio_min")
 
 
+def _masked_token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    keep = mask != 0
+    return jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def routing_disagreement(given: jax.Array, own: jax.Array, mask: jax.Array) -> jax.Array:
+    """Share of (token, layer) pairs whose set of k experts differs between two routings.
+
+    Args: given, own: [L, B, T, k] int expert ids (order within k ignored); mask: [B, T], pairs
+      count where mask ≠ 0. Returns a float32 scalar in [0, 1] (0 when nothing is kept).
+    """
+    differ = jnp.any(jnp.sort(given, axis=-1) != jnp.sort(own, axis=-1), axis=-1)  # [L, B, T]
+    keep = jnp.broadcast_to(mask != 0, differ.shape)
+    return jnp.sum(differ & keep) / jnp.maximum(jnp.sum(keep), 1)
+
+
 def train_step(state: LearnerState, batch: Batch, *, config: LearnerConfig,
                model_config: ModelConfig) -> tuple[LearnerState, dict[str, jax.Array]]:
     """One optimiser step on `batch` (B sequences, B a multiple of config.micro_batches).
 
-    Loss = GRPO policy loss + kl_coef * KL(pi || pi_ref) (token mean, k1/k2/k3) + aux_loss_coef *
-    MoE load-balancing loss (mean over micro-batches). Micro-batch losses are weighted by their
-    share of the aggregation's normaliser, so accumulation equals one pass over the full batch.
+    Loss = GRPO policy loss + kl_coef * KL(pi || pi_ref) (token mean, k1/k2/k3) − entropy_coef *
+    entropy (token mean) + aux_loss_coef * MoE load-balancing loss (mean over micro-batches).
+    Micro-batch losses are weighted by their share of the aggregation's normaliser, so
+    accumulation equals one pass over the full batch.
 
     Returns:
-      (new state, metrics): flat dict of float32 scalars: loss, pg_loss, kl, aux_loss, grad_norm, lr,
-      tokens, and the policy-loss metrics (clip_frac, approx_kl, ratio_mean, ratio_max, ...).
+      (new state, metrics): flat dict of float32 scalars: loss, pg_loss, kl, aux_loss, entropy
+      (token mean, at the sampling temperature), grad_norm, lr, tokens, the policy-loss metrics
+      (clip_frac, approx_kl, ratio_mean, ratio_max, tis_weight_mean, tis_truncated_frac, ...) and,
+      when the batch carries routing, routing_disagreement (share of (token, layer) pairs where
+      this router's own top-k differs from the batch's routing).
     """
     batch.check()
     cfg, mc = config, model_config
@@ -318,21 +398,27 @@ def train_step(state: LearnerState, batch: Batch, *, config: LearnerConfig,
     shares = _loss_shares(micro.loss_mask, cfg.agg)
     token_counts = jnp.sum(micro.loss_mask != 0, axis=(1, 2)).astype(jnp.float32)
     token_shares = token_counts / jnp.maximum(jnp.sum(token_counts), 1.0)
-    norm_len = t if cfg.agg == "seq_mean_token_sum_norm" else None
+    norm_len = (cfg.norm_len or t) if cfg.agg == "seq_mean_token_sum_norm" else None
 
     def micro_loss(params, mb: Batch, share, token_share):
         routing = mb.routing if cfg.routing_replay else None
-        logp, aux = model_token_logprobs(_compute_params(params, cfg), mc, mb.tokens, mb.positions,
-                                         _targets(mb.tokens), routing=routing, chunk_size=cfg.logprob_chunk_size,
-                                         remat=cfg.remat)
+        (logp, entropy), aux = model_token_logprobs(
+            _compute_params(params, cfg), mc, mb.tokens, mb.positions, _targets(mb.tokens), routing=routing,
+            chunk_size=cfg.logprob_chunk_size, remat=cfg.remat, temperature=cfg.logprob_temperature,
+            return_entropy=True)
         pg, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, agg=cfg.agg, dual_clip=cfg.dual_clip,
                                   rollout_logp=mb.rollout_logp if cfg.tis_cap is not None else None,
                                   tis_cap=cfg.tis_cap, norm_len=norm_len, sample_weights=mb.sample_weights)
         kl = (kl_penalty(logp, mb.ref_logp, kind=cfg.kl_kind, mask=mb.loss_mask)
               if mb.ref_logp is not None else jnp.zeros((), jnp.float32))
-        loss = share * pg + token_share * cfg.kl_coef * kl + aux_coef * aux.aux_loss / m
+        mean_entropy = _masked_token_mean(entropy, mb.loss_mask)
+        loss = (share * pg + token_share * (cfg.kl_coef * kl - cfg.entropy_coef * mean_entropy)
+                + aux_coef * aux.aux_loss / m)
         parts = {"pg_loss": share * pg, "kl": token_share * kl, "aux_loss": aux.aux_loss / m}
+        metrics = {**metrics, "entropy": jax.lax.stop_gradient(mean_entropy)}
+        if mb.routing is not None and aux.own_routing is not None:
+            metrics["routing_disagreement"] = routing_disagreement(mb.routing, aux.own_routing, mb.loss_mask)
         return loss, (parts, metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -368,6 +454,37 @@ def train_step(state: LearnerState, batch: Batch, *, config: LearnerConfig,
     rng, _ = jax.random.split(state.rng)
     new_state = LearnerState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def ppo_update(state: LearnerState, batch: Batch, *, config: LearnerConfig,
+               model_config: ModelConfig) -> tuple[LearnerState, dict[str, jax.Array]]:
+    """`config.minibatches` optimizer steps on one batch, each a `train_step` on a slice of its rows.
+
+    Minibatch i takes rows i, i+K, i+2K, ... (K = minibatches), so every minibatch keeps the
+    batch's sharding and mixes samples of all groups. All of them share `batch.old_logp`, the
+    proximal logprobs computed once before the update, so from the second step on the ratio
+    π_θ / π_prox moves away from 1 and the clip can act. B must be a multiple of
+    minibatches · micro_batches.
+
+    Returns:
+      (new state, metrics): `train_step`'s metrics averaged over the minibatches (ratio_max and
+      ratio_min are the extremes, lr the last step's), plus minibatches.
+    """
+    k = config.minibatches
+    b = batch.tokens.shape[0]
+    if b % (k * config.micro_batches):
+        raise ValueError(f"ppo_update: batch size {b} is not a multiple of minibatches * micro_batches = "
+                         f"{k} * {config.micro_batches}")
+    if k == 1:
+        state, metrics = train_step(state, batch, config=config, model_config=model_config)
+        return state, {**metrics, "minibatches": jnp.float32(1)}
+    minis = _split_micro(batch, k)
+    state, per_step = jax.lax.scan(
+        lambda st, mb: train_step(st, mb, config=config, model_config=model_config), state, minis)
+    metrics = {name: jnp.mean(v) for name, v in per_step.items()}
+    metrics.update(ratio_max=jnp.max(per_step["ratio_max"]), ratio_min=jnp.min(per_step["ratio_min"]),
+                   lr=per_step["lr"][-1], tokens=jnp.sum(per_step["tokens"]), minibatches=jnp.float32(k))
+    return state, metrics
 
 
 def state_shardings(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh,
@@ -406,13 +523,13 @@ def place_batch(batch: Batch, mesh: jax.sharding.Mesh, rules=RULES) -> Batch:
 
 def jit_train_step(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh | None = None, *,
                    rules=RULES, donate: bool = False) -> Callable[[LearnerState, Batch], tuple[LearnerState, dict]]:
-    """`train_step` jitted once; with a mesh, state in/out shardings come from the rules table.
+    """`ppo_update` jitted once; with a mesh, state in/out shardings come from the rules table.
 
     The returned callable places each batch on the mesh (B over the "batch" rule) before the call
     and runs the step under the mesh so that the model's activation constraints apply. Pass
     `shard_state(state, ...)` output (or any state; it is resharded by the jit) as the state.
     """
-    step = functools.partial(train_step, config=cfg, model_config=model_config)
+    step = functools.partial(ppo_update, config=cfg, model_config=model_config)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,) if donate else ())
     s_shard = state_shardings(cfg, model_config, mesh, rules)

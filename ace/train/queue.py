@@ -37,6 +37,8 @@ class Sample:
       duration_s: wall-clock seconds the episode took (for duration-aware weighting).
       policy_version: the oldest weight version that produced any of `output_ids`.
       extra: free metadata (finish reason, grading details); not interpreted by the queue.
+      routing: optional [L, P + T, k] int routed experts of every position (`Generation.routing`,
+        -1 where unknown), for routing replay.
     """
 
     task_id: int
@@ -47,6 +49,7 @@ class Sample:
     duration_s: float
     policy_version: int
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    routing: Any = None
 
     def __post_init__(self):
         if len(self.output_ids) != len(self.rollout_logprobs):
@@ -56,6 +59,10 @@ class Sample:
             raise ValueError(f"policy_version must be >= 0, got {self.policy_version}")
         if self.duration_s < 0:
             raise ValueError(f"duration_s must be >= 0, got {self.duration_s}")
+        n = len(self.prompt_ids) + len(self.output_ids)
+        if self.routing is not None and (np.ndim(self.routing) != 3 or np.shape(self.routing)[1] != n):
+            raise ValueError(f"sample of task {self.task_id}: routing must be [L, P + T = {n}, k], "
+                             f"got shape {np.shape(self.routing)}")
 
 
 @dataclasses.dataclass

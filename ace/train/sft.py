@@ -48,7 +48,7 @@ from ace.train.sft_corpus import (EXAMPLE_KINDS, CandidateScript, SFTExample, bu
 from ace.train.sft_corpus import _publish
 
 # Bump when the corpus layout, script rendering or example construction changes (invalidates caches).
-SFT_FORMAT_VERSION = 1
+SFT_FORMAT_VERSION = 2  # 2: prompts without wall-clock durations or workspace paths
 
 # Prompt limits that keep a state (with one or two past scripts) near 1k tokens of the tiny BPE.
 # Attention over [T, T] dominates the tiny model's cost, so the description is cut to its title,

@@ -4,6 +4,8 @@ For each training competition the reference population (`ace.env.reference_solut
 compact scripts (same model, preprocessing, feature choice and output rule, in ~700 characters so that a
 complete script fits the tiny policy's generation budget); a diverse subset is run in the sandbox through
 `MLEEnv`, graded, and turned into `initial`, `improve` and `submit` examples. `ace.train.sft` trains on them.
+Their prompts come from `ace.env.agent.build_messages`, the renderer of RL and evaluation, over states
+that `MLEEnv` recorded, so SFT, RL and evaluation prompts have one layout and none shows a duration.
 """
 from __future__ import annotations
 

@@ -7,7 +7,11 @@ One learner step:
      step-wise RL of ML-Agent) or a whole episode;
   3. the buffer updates the stats of the sampled tasks and inserts every executed step's resulting
      state as a child task (unless the `no_buffer` ablation switches children off);
-  4. group-relative advantages (optionally duration-weighted) feed one GRPO update;
+  4. group-relative advantages (optionally duration-weighted) feed one GRPO update: the learner
+     recomputes the proximal logprobs of the batch once (the params before the update, at the
+     sampling temperature, replaying the engine's MoE routing when `routing_replay`), then takes
+     `minibatches` optimizer steps clipped against them, each token weighted by the truncated
+     behaviour weight min(π_prox / π_behav, tis_cap) (decoupled PPO, `ace.rl.losses`);
   5. the learner publishes its weights as version step + 1.
 
 Asynchronous mode runs step 2 on the RolloutPool's worker threads, which draw tasks themselves and
@@ -128,11 +132,8 @@ class AceTrainer:
         self._potential = jax.jit(functools.partial(
             learnability, potential=curriculum.potential, optimistic_value=curriculum.optimistic_value))
         self.rows_per_batch = self._round_up(cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout,
-                                             cfg.micro_batches)
+                                             cfg.micro_batches * cfg.minibatches)
         self.seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
-        # At temperature 1 without truncation the engine's behaviour logprobs are the learner's own
-        # numbers (the sampler's contract, to ~1e-4), so the old-policy forward pass is skipped.
-        self._rollout_logp_is_learner_logp = (cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.top_k == 0)
         self._lock = threading.Lock()  # the curriculum: task_source (workers) vs learner updates
         key = jax.random.PRNGKey(cfg.seed)
         learner_key, self.key = jax.random.split(key)
@@ -254,7 +255,7 @@ class AceTrainer:
                 rollout_logprobs=steps[0].logprobs, reward=float(sum(s.reward for s in steps)),
                 duration_s=float(sum(s.duration_s for s in steps)),
                 policy_version=min(s.weight_version for s in steps),
-                extra={"turns": [(s.prompt_ids, s.output_ids, s.logprobs) for s in steps],
+                extra={"turns": [(s.prompt_ids, s.output_ids, s.logprobs, s.routing) for s in steps],
                        "outcome": _episode_outcome(steps), "medal": _episode_medal(steps),
                        "success": _improved(steps), "children": children}))
         return Group(task_id=task.task_id, group_size=cfg.group_size, samples=samples)
@@ -273,9 +274,10 @@ class AceTrainer:
         for i, g in enumerate(groups):
             for j, s in enumerate(g.samples):
                 turns = s.extra["turns"]
-                for prompt, output, logp in turns:
+                for prompt, output, logp, routing in turns:
                     rows.append(Sample(task_id=g.task_id, prompt_ids=prompt, output_ids=output, rollout_logprobs=logp,
-                                       reward=s.reward, duration_s=s.duration_s, policy_version=s.policy_version))
+                                       reward=s.reward, duration_s=s.duration_s, policy_version=s.policy_version,
+                                       routing=routing))
                     row_adv.append(adv[i, j])
                     # Every turn of an episode shares its advantage; together they weigh as one sample.
                     row_w.append(dur[i, j] * group_weights[i] / len(turns))
@@ -290,7 +292,11 @@ class AceTrainer:
         pad_to = min(self.seq_len, self._round_up(longest, SEQ_BUCKET))
         batch = make_batch(rows + [filler] * pad, np.asarray(row_adv + [0.0] * pad, np.float32), pad_to=pad_to,
                            sample_weights=np.asarray(row_w + [0.0] * pad, np.float32))
-        if not self._rollout_logp_is_learner_logp:
+        if cfg.routing_replay and batch.routing is None:
+            raise RuntimeError("train.routing_replay=true but the rollout engine returned no routing: it needs an "
+                               "MoE policy and an engine asked for routed experts (rollout.return_routing)")
+        if cfg.recompute_proximal:
+            # The proximal policy of decoupled PPO: these params, before any step of this update.
             batch = batch.replace(old_logp=self._old_logp(self.learner.params, batch))
         if self.ref_params is not None:
             batch = batch.replace(ref_logp=self._old_logp(self.ref_params, batch))
@@ -442,7 +448,7 @@ class AceTrainer:
             return self._follow_async(ckpt, logger, stop_after)
         cfg = self.cfg
         queue = RolloutQueue(max(2 * cfg.tasks_per_step, cfg.workers), max_staleness=cfg.max_staleness,
-                             policy=cfg.staleness_policy)
+                             policy=cfg.staleness_policy, reweight_decay=cfg.staleness_decay)
         drawn: dict[int, TaskRef] = {}  # id(group) -> task, filled by the workers
         draw_count = [0]
 

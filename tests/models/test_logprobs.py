@@ -79,3 +79,31 @@ def test_token_logprobs_rejects_mismatched_shapes():
         token_logprobs(h, w.T, jnp.zeros((2, 5), jnp.int32))
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(h, w, jnp.zeros((2, 5), jnp.int32), chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(4, 1.0), (3, 0.7)])
+def test_chunked_entropy_equals_entropy_of_full_logits(chunk_size, temperature):
+    b, t, d, v = 2, 10, 8, 50
+    hidden = jax.random.normal(jax.random.key(10), (b, t, d)) * 2
+    w = jax.random.normal(jax.random.key(11), (d, v))
+    targets = jax.random.randint(jax.random.key(12), (b, t), 0, v)
+    logp, entropy = token_logprobs(hidden, w, targets, chunk_size=chunk_size, temperature=temperature,
+                                   return_entropy=True)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(w, np.float64) / temperature
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = -(p * np.log(p)).sum(-1)  # H = -Σ p log p, from the full [B, T, V] distribution
+    np.testing.assert_allclose(np.asarray(entropy), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logp), _naive(hidden, w, targets, temperature), atol=1e-5)
+
+    # The gradient of the chunked mean entropy equals that of the full-logits entropy.
+    def chunked(h):
+        return jnp.mean(token_logprobs(h, w, targets, chunk_size=chunk_size, temperature=temperature,
+                                       return_entropy=True)[1])
+
+    def full(h):
+        logp_all = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w) / temperature, -1)
+        return jnp.mean(-jnp.sum(jnp.exp(logp_all) * logp_all, -1))
+
+    np.testing.assert_allclose(np.asarray(jax.grad(chunked)(hidden)), np.asarray(jax.grad(full)(hidden)),
+                               atol=1e-5, rtol=1e-5)

@@ -45,7 +45,7 @@ def test_moe_ragged_and_dense_match_bruteforce_loop():
     x = jax.random.normal(jax.random.key(1), (n, d))
     want = _numpy_moe(p, x, k, norm)
     for impl in ("ragged", "dense"):
-        y, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=norm, impl=impl)
+        y, _, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=norm, impl=impl)
         np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=2e-5, err_msg=impl)
 
 
@@ -58,7 +58,7 @@ def test_ragged_dispatch_gradient_equals_dense_reference():
 
     def loss(impl):
         def fn(p, x):
-            y, aux, _ = moe.moe_mlp(p, x, top_k=k, norm_topk_prob=True, impl=impl)
+            y, aux, _, _ = moe.moe_mlp(p, x, top_k=k, norm_topk_prob=True, impl=impl)
             return jnp.sum(y * cot) + 0.1 * aux
         return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
 
@@ -93,13 +93,18 @@ def test_routing_replay_uses_given_ids_with_recomputed_weights():
     np.testing.assert_array_equal(np.asarray(r.ids), np.asarray(given))
     at_ids = np.take_along_axis(np.asarray(r.probs), np.asarray(given), -1)
     np.testing.assert_allclose(np.asarray(r.weights), at_ids / at_ids.sum(-1, keepdims=True), rtol=1e-6)
-    y, _, ids = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=given)
-    y_dense, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=given, impl="dense")
+    y, _, ids, own = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=given)
+    y_dense, _, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=given, impl="dense")
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(given))
+    # The router's own choice is still reported: the top-k of its probabilities (NumPy reference).
+    own_ref = np.argsort(-np.asarray(r.probs), axis=-1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.sort(np.asarray(own), -1), np.sort(own_ref, -1))
+    np.testing.assert_array_equal(np.asarray(r.own_ids), np.asarray(own))
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_dense), atol=1e-5)
     # Replaying the model's own choice reproduces the unreplayed output exactly.
-    y_free, _, free_ids = moe_mlp(p, x, top_k=k, norm_topk_prob=True)
-    y_again, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=free_ids)
+    y_free, _, free_ids, free_own = moe_mlp(p, x, top_k=k, norm_topk_prob=True)
+    np.testing.assert_array_equal(np.asarray(free_ids), np.asarray(free_own))
+    y_again, _, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=True, routing=free_ids)
     np.testing.assert_array_equal(np.asarray(y_free), np.asarray(y_again))
     with pytest.raises(ValueError, match="routing must be"):
         moe.route(x, p["router"], top_k=k, norm_topk_prob=True, routing=given[:, :1])

@@ -148,6 +148,9 @@ def test_routing_replay_reproduces_logits_and_given_routing_changes_them(moe_par
     other = (aux.routing + 1) % e  # shifting every id keeps the k ids of a token distinct
     other_logits, other_aux = fwd(moe_params, TINY, tokens, pos, routing=other, return_routing=True)
     np.testing.assert_array_equal(np.asarray(other_aux.routing), np.asarray(other))
+    # Layer 0 routes the embeddings, which no replay changes: its own choice is the free routing.
+    np.testing.assert_array_equal(np.asarray(other_aux.own_routing[0]), np.asarray(aux.routing[0]))
+    np.testing.assert_array_equal(np.asarray(aux.own_routing), np.asarray(aux.routing))
     assert float(jnp.abs(other_logits - logits).max()) > 1e-4
 
 

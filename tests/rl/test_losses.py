@@ -127,7 +127,8 @@ def test_policy_loss_metrics_match_numpy():
         ratio_max=ratio.max(), ratio_min=ratio.min(),
         dual_clip_frac=np.mean((adv < 0) & (ratio > 1.5)),
         tis_weight_mean=np.mean(np.minimum(np.exp(old_logp - rollout_logp.astype(np.float64)),
-                                           1.2)[keep]))
+                                           1.2)[keep]),
+        tis_truncated_frac=np.mean((np.exp(old_logp - rollout_logp.astype(np.float64)) > 1.2)[keep]))
     assert set(metrics) == set(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -214,6 +215,43 @@ def test_importance_and_sample_weights_scale_the_gradient_without_their_own_grad
                                                                                       "token_mean")
     np.testing.assert_allclose(grads[0], expected, rtol=1e-5, atol=1e-7)
     assert np.all(np.asarray(grads[1]) == 0) and np.all(np.asarray(grads[2]) == 0)
+
+
+def test_decoupled_ppo_clips_against_the_proximal_policy_and_weights_by_behaviour():
+    """Three distinct logprobs per token: the clip sees current/proximal only, the behaviour
+    policy enters only through the truncated weight proximal/behaviour. Loss and gradient against
+    the token-by-token formula d/dlogp [−w·min(r·A, clip(r)·A)] = −w·A·r where the clip is inactive."""
+    rng = np.random.default_rng(21)
+    mask = (rng.uniform(size=(B, T)) > 0.2).astype(np.float32)
+    mask[:, 0] = 1
+    behaviour = rng.normal(-1.5, 0.5, (B, T)).astype(np.float32)
+    proximal = (behaviour + rng.normal(0, 0.6, (B, T))).astype(np.float32)
+    current = (proximal + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    advantages = rng.normal(0, 1, B).astype(np.float32)
+    eps_low, eps_high, cap = 0.2, 0.28, 1.5
+
+    def loss_fn(lp):
+        return policy_loss(lp, proximal, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                           agg="token_mean", rollout_logp=behaviour, tis_cap=cap)
+
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(current)
+    cur, prox, beh = (np.asarray(x, np.float64) for x in (current, proximal, behaviour))
+    r = np.exp(cur - prox)
+    w = np.minimum(np.exp(prox - beh), cap)
+    a = advantages[:, None].astype(np.float64)
+    surrogate = np.minimum(r * a, np.clip(r, 1 - eps_low, 1 + eps_high) * a)
+    want_loss = np.sum(-w * surrogate * mask) / mask.sum()
+    active = ~(((a > 0) & (r > 1 + eps_high)) | ((a < 0) & (r < 1 - eps_low)))
+    want_grad = np.where(active, -w * a * r, 0.0) * mask / mask.sum()
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
+    # The batch exercises every case: clipped and unclipped tokens, truncated and kept weights.
+    assert 0 < float(metrics["clip_frac"]) < 1
+    assert 0 < float(metrics["tis_truncated_frac"]) < 1
+    # Clipping against the behaviour policy instead would give another gradient.
+    r_beh = np.exp(cur - beh)
+    wrong_active = ~(((a > 0) & (r_beh > 1 + eps_high)) | ((a < 0) & (r_beh < 1 - eps_low)))
+    assert np.any((wrong_active != active) & (mask > 0))
 
 
 def test_policy_loss_under_vmap_equals_a_loop():

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace.models import TINY_DENSE, forward, init_params
+from ace.models import TINY, TINY_DENSE, forward, init_params
 from ace.models.sharding import make_mesh
 from ace.rollout.engine import RolloutEngine, SamplingParams
 from ace.rollout.jax_sampler import JaxSampler, apply_top_k, apply_top_p
@@ -88,14 +88,18 @@ def test_greedy_decoding_equals_stepwise_argmax_of_full_forward(sampler, params)
         np.testing.assert_allclose(gen.logprobs, want_logp, atol=1e-4)
 
 
-def test_sampled_logprobs_at_temperature_one_equal_learner_recomputed_logprobs(sampler, params):
-    requests = [SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_k=k, top_p=p, seed=i)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_learner_recomputed_logprobs_at_the_sampling_temperature(sampler, params,
+                                                                                       temperature):
+    """Both sides report log softmax(logits / T) before top-k / top-p: equal within 1e-4 in float32."""
+    requests = [SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, top_k=k, top_p=p, seed=i)
                 for i, (k, p) in enumerate([(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.9)])]
     gens = sampler.generate(PROMPTS, requests)
     samples = [Sample(task_id=i, prompt_ids=p, output_ids=g.output_ids, rollout_logprobs=g.logprobs, reward=0.0,
                       duration_s=0.0, policy_version=g.weight_version) for i, (p, g) in enumerate(zip(PROMPTS, gens))]
     batch = make_batch(samples, np.zeros(len(samples)), pad_to=16)
-    recomputed = learner_logprobs(params, batch, config=LearnerConfig(logprob_chunk_size=8), model_config=CONFIG)
+    recomputed = learner_logprobs(params, batch, config=LearnerConfig(logprob_chunk_size=8, temperature=temperature),
+                                  model_config=CONFIG)
     mask = batch.loss_mask != 0
     assert mask.sum() == sum(len(g.output_ids) for g in gens)
     np.testing.assert_allclose(np.asarray(recomputed)[mask], batch.rollout_logp[mask], atol=1e-4)
@@ -183,3 +187,58 @@ def test_bad_requests_raise_with_the_offending_value(sampler):
         sampler.generate([[64]], SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
         sampler.generate([[1], [2]], [SamplingParams()])
+
+
+# A tiny MoE with many experts, so that a short sequence leaves some experts of every layer unused.
+MOE = TINY.replace(vocab_size=64, num_experts=16, num_experts_per_tok=2)
+
+
+def _boost_unused_experts(params, routing: np.ndarray, key) -> dict:
+    """Router columns of the experts `routing` ([L, N, k]) never used, per layer, replaced by large
+    random vectors: fresh top-k now picks them, while the used experts' logits (hence the gates of a
+    replay, renormalised over the replayed experts only) are unchanged."""
+    router = np.array(params["layers"]["mlp"]["router"])  # [L, D, E]
+    for layer in range(router.shape[0]):
+        used = set(np.unique(routing[layer][routing[layer] >= 0]).tolist())
+        unused = [e for e in range(router.shape[2]) if e not in used]
+        assert unused, f"layer {layer} used every expert; the test needs a longer tail of experts"
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(key, layer), (router.shape[1], len(unused))))
+        router[layer][:, unused] = 20.0 * np.linalg.norm(router[layer], axis=0).mean() * noise
+    new = jax.tree.map(lambda x: x, params)
+    new["layers"]["mlp"]["router"] = jnp.asarray(router)
+    return new
+
+
+def test_routing_replay_reproduces_the_samplers_logprobs_exactly_after_the_router_changed():
+    params = init_params(MOE, jax.random.key(3))
+    sampler = JaxSampler(params, MOE, max_batch=2, max_prompt_len=12, max_new_tokens=MAX_NEW, prompt_buckets=(8,),
+                         return_routing=True)
+    prompts = PROMPTS[:2]
+    gens = sampler.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW, temperature=0.7, seed=s) for s in (1, 2)])
+    k = MOE.num_experts_per_tok
+    for prompt, gen in zip(prompts, gens):
+        n = len(prompt) + len(gen.output_ids)
+        assert gen.routing.shape == (MOE.num_layers, n, k) and gen.routing.dtype == np.int32
+        assert np.all(gen.routing[:, -1] == -1) and np.all(gen.routing[:, :-1] >= 0)
+    samples = [Sample(task_id=i, prompt_ids=p, output_ids=g.output_ids, rollout_logprobs=g.logprobs, reward=0.0,
+                      duration_s=0.0, policy_version=0, routing=g.routing)
+               for i, (p, g) in enumerate(zip(prompts, gens))]
+    batch = make_batch(samples, np.zeros(2), pad_to=16)
+    assert batch.routing.shape == (MOE.num_layers, 2, 16, k)
+    mask = batch.loss_mask != 0
+    replay = LearnerConfig(logprob_chunk_size=8, temperature=0.7, routing_replay=True)
+    free = LearnerConfig(logprob_chunk_size=8, temperature=0.7)
+
+    # Same params: replayed and fresh routing both give the sampler's numbers.
+    np.testing.assert_allclose(np.asarray(learner_logprobs(params, batch, config=replay, model_config=MOE))[mask],
+                               batch.rollout_logp[mask], atol=1e-5)
+    # Perturbed routers: fresh routing moves to the boosted experts, replay stays exact.
+    perturbed = _boost_unused_experts(params, np.concatenate([g.routing for g in gens], axis=1), jax.random.key(9))
+    replayed = np.asarray(learner_logprobs(perturbed, batch, config=replay, model_config=MOE))
+    fresh = np.asarray(learner_logprobs(perturbed, batch, config=free, model_config=MOE))
+    np.testing.assert_allclose(replayed[mask], batch.rollout_logp[mask], atol=1e-5)
+    assert np.max(np.abs(fresh[mask] - batch.rollout_logp[mask])) > 1e-2
+    _, aux = forward(perturbed, MOE, jnp.asarray(batch.tokens), jnp.asarray(batch.positions), return_routing=True)
+    own = np.sort(np.asarray(aux.routing), -1)
+    differ = np.any(own != np.sort(batch.routing, -1), -1)[:, mask]
+    assert differ.mean() > 0.2

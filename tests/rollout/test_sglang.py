@@ -3,6 +3,7 @@
 The stand-in speaks SGLang's endpoints and response shapes; its "model" has an independent
 reference (`reference_greedy`), so every token and logprob the engine returns is checked.
 """
+import base64
 import json
 import os
 import signal
@@ -11,13 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ace.rollout.engine import RolloutEngine, SamplingParams
 from ace.rollout.sglang import (ArchitectureMismatch, SGLangClient, SGLangEngine, SGLangRequestError,
                                 ServerUnavailable, parse_generation, to_sglang_sampling_params)
+from ace.rollout.sglang_routing import RoutingFormatError, RoutingLayout, parse_routed_experts
 from ace.rollout.sglang_server import SGLangServer, ServerStartError, find_free_port
-from tests.support.sglang_fake import reference_greedy
+from tests.support.sglang_fake import fake_routing, reference_greedy
 
 REPO = Path(__file__).resolve().parents[2]
 DENSE, MOE = "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"
@@ -25,11 +28,16 @@ V = 32
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 
 
+# A small MoE's config.json keys that shape its routed experts (3 layers, 2 of 8 experts per token).
+MOE_KEYS = {"num_hidden_layers": 3, "num_experts_per_tok": 2, "num_experts": 8}
+
+
 def write_checkpoint(path, *, arch=DENSE, shift=0):
     """Test exporter: what ace.models.hf.save_hf_checkpoint writes, reduced to what the fake reads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"architectures": [arch], "vocab_size": V}))
+    cfg = {"architectures": [arch], "vocab_size": V, **(MOE_KEYS if arch == MOE else {})}
+    (path / "config.json").write_text(json.dumps(cfg))
     (path / "fake_weights.json").write_text(json.dumps({"shift": shift}))
 
 
@@ -42,11 +50,11 @@ def launch(tmp_path):
     servers = []
     write_checkpoint(tmp_path / "base")
 
-    def _launch(*extra, startup_timeout_s=30.0):
-        s = SGLangServer(tmp_path / "base", port=find_free_port(), tp_size=2,
+    def _launch(*extra, startup_timeout_s=30.0, model_path=None, return_routing=False):
+        s = SGLangServer(model_path or tmp_path / "base", port=find_free_port(), tp_size=2,
                          module="tests.support.sglang_fake", extra_args=extra,
                          env={"PYTHONPATH": str(REPO)}, log_path=tmp_path / f"log{len(servers)}.txt",
-                         startup_timeout_s=startup_timeout_s)
+                         startup_timeout_s=startup_timeout_s, return_routing=return_routing)
         servers.append(s)
         return s.start()
 
@@ -252,3 +260,105 @@ def test_servers_given_by_url_are_used_checked_and_waited_for_never_restarted(la
     finally:
         pool.close()
     assert a.alive() and b.alive(), "closing the pool must not stop servers it did not launch"
+
+
+# ---------------------------------------------------------------------------- routed experts (MoE)
+def b64_int32(rows) -> str:
+    """SGLang's encoding of routed experts: base64 of the raw little-endian int32 bytes."""
+    return base64.b64encode(np.asarray(rows, "<i4").tobytes()).decode()
+
+
+def test_routed_experts_wire_format_becomes_layer_major_routing_with_last_position_unset():
+    layout = RoutingLayout(num_layers=3, top_k=2, num_experts=8, moe_layers=(0, 1, 2))
+    rows = np.arange(4 * 3 * 2).reshape(4, 3, 2) % 8  # [P + T - 1 = 4, layers, k] as SGLang sends it
+    got = parse_routed_experts(b64_int32(rows), num_positions=5, layout=layout)
+    assert got.dtype == np.int32 and got.shape == (3, 5, 2)
+    np.testing.assert_array_equal(got[:, :4], rows.transpose(1, 0, 2))
+    assert (got[:, 4] == -1).all()  # the last sampled token never ran through the model
+    # Layers without experts (mlp_only_layers) have rows in SGLang's buffer but not in the routing.
+    sparse = RoutingLayout(num_layers=3, top_k=2, num_experts=8, moe_layers=(0, 2))
+    np.testing.assert_array_equal(parse_routed_experts(b64_int32(rows), num_positions=5, layout=sparse)[:, :4],
+                                  rows[:, [0, 2]].transpose(1, 0, 2))
+    with pytest.raises(RoutingFormatError, match=r"holds 18 ids = 3 rows.*expected shape.*\[4, 3, 2\]"):
+        parse_routed_experts(b64_int32(rows[:3]), num_positions=5, layout=layout)
+    with pytest.raises(RoutingFormatError, match="not a whole number of int32"):
+        parse_routed_experts(base64.b64encode(b"abc").decode(), num_positions=5, layout=layout)
+    with pytest.raises(RoutingFormatError, match="not valid base64"):
+        parse_routed_experts("%%%", num_positions=5, layout=layout)
+    with pytest.raises(RoutingFormatError, match="base64 string, got list"):
+        parse_routed_experts(rows.tolist(), num_positions=5, layout=layout)
+    with pytest.raises(RoutingFormatError, match=r"ids \[9, 1\] at position 2, layer 1 are not all in \[0, 8\)"):
+        bad = rows.copy()
+        bad[2, 1] = [9, 1]
+        parse_routed_experts(b64_int32(bad), num_positions=5, layout=layout)
+
+
+def test_generation_routing_is_parsed_from_meta_info_and_required_when_asked(tmp_path):
+    layout = RoutingLayout(num_layers=1, top_k=2, num_experts=4, moe_layers=(0,))
+    meta = {"output_token_logprobs": [[-0.5, 4, None], [-1.5, 3, None]], "finish_reason": {"type": "length"},
+            "routed_experts": b64_int32([[[0, 1]], [[2, 3]], [[1, 2]]])}
+    g = parse_generation({"meta_info": meta}, initial_version=0, prompt_len=2, routing=layout)
+    np.testing.assert_array_equal(g.routing, [[[0, 1], [2, 3], [1, 2], [-1, -1]]])
+    assert parse_generation({"meta_info": meta}, initial_version=0).routing is None  # not asked: ignored
+    with pytest.raises(SGLangRequestError, match=r"expected shape \[P \+ T - 1, 1, 2\] = \[4, 1, 2\]"):
+        parse_generation({"meta_info": meta}, initial_version=0, prompt_len=3, routing=layout)
+    no_routing = {k: v for k, v in meta.items() if k != "routed_experts"}
+    with pytest.raises(SGLangRequestError, match="--enable-return-routed-experts"):
+        parse_generation({"meta_info": no_routing}, initial_version=0, prompt_len=2, routing=layout)
+    aborted = {**no_routing, "finish_reason": {"type": "abort"}}  # redone by the engine anyway
+    assert parse_generation({"meta_info": aborted}, initial_version=0, prompt_len=2, routing=layout).routing is None
+    # The layout comes from the served folder's config.json (Qwen3-MoE's rule for sparse layers).
+    write_checkpoint(tmp_path / "moe", arch=MOE)
+    assert RoutingLayout.from_hf_config(tmp_path / "moe") == RoutingLayout(3, 2, 8, (0, 1, 2))
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    (tmp_path / "moe" / "config.json").write_text(json.dumps({**cfg, "mlp_only_layers": [1]}))
+    assert RoutingLayout.from_hf_config(tmp_path / "moe").moe_layers == (0, 2)
+    write_checkpoint(tmp_path / "dense")
+    with pytest.raises(ValueError, match="not an MoE model"):
+        RoutingLayout.from_hf_config(tmp_path / "dense")
+
+
+def test_engine_returns_routing_of_every_request_from_servers_launched_for_it(launch, tmp_path):
+    write_checkpoint(tmp_path / "moe", arch=MOE)
+    server = launch(model_path=tmp_path / "moe", return_routing=True)
+    assert "--enable-return-routed-experts" in server.command()
+    prompts = [[1, 2, 3], [5], [7, 7, 7, 7, 7]]
+    with SGLangEngine([server], exporter=exporter, export_dir=tmp_path / "exports", return_routing=True) as engine:
+        gens = engine.generate(prompts, GREEDY)
+    for prompt, g in zip(prompts, gens):
+        seq = prompt + g.output_ids
+        want = np.asarray(fake_routing(seq, num_layers=3, top_k=2, num_experts=8)).transpose(1, 0, 2)
+        assert g.routing.shape == (3, len(seq), 2)
+        np.testing.assert_array_equal(g.routing[:, :-1], want)
+        assert (g.routing[:, -1] == -1).all()
+    # A server launched without the flag answers without routed experts: a clear error, not a None.
+    plain = launch(model_path=tmp_path / "moe")
+    with SGLangEngine([plain], exporter=exporter, export_dir=tmp_path / "exports2", return_routing=True) as engine:
+        with pytest.raises(SGLangRequestError, match="--enable-return-routed-experts"):
+            engine.generate(prompts[:1], GREEDY)
+    with pytest.raises(ValueError, match="not an MoE model"):
+        SGLangEngine([launch()], exporter=exporter, export_dir=tmp_path / "e3", return_routing=True)
+
+
+def test_pool_return_routing_launches_with_the_flag_and_bypasses_the_router(launch, tmp_path):
+    from ace.rollout.sglang_pool import PoolConfigError, SGLangPool, SGLangPoolConfig
+
+    assert SGLangPoolConfig.from_cfg({}).return_routing is False
+    cfg = SGLangPoolConfig.from_cfg({"num_servers": 2, "device": "cpu", "return_routing": True})
+    assert cfg.return_routing and not cfg.uses_router  # sglang-router would drop the request field
+    with pytest.raises(PoolConfigError, match="return_routing=true cannot go through sglang-router"):
+        SGLangPoolConfig.from_cfg({"num_servers": 2, "router": "always", "return_routing": True})
+    with pytest.raises(PoolConfigError, match="return_routing"):
+        SGLangPoolConfig.from_cfg({"return_routing": "yes"})
+    # Servers given by URL (launched with the flag) behind a pool that asks for routing.
+    write_checkpoint(tmp_path / "moe", arch=MOE)
+    a, b = (launch(model_path=tmp_path / "moe", return_routing=True) for _ in range(2))
+    cfg = SGLangPoolConfig.from_cfg({"urls": [a.url, b.url], "return_routing": True, "startup_timeout_s": 60})
+    pool = SGLangPool.start(cfg, model_path=tmp_path / "moe", exporter=exporter, out_dir=tmp_path / "run")
+    try:
+        assert pool.router is None and pool.engine.router_url is None
+        gens = pool.engine.generate([[1, 2], [3]] * 2, GREEDY)
+        assert [g.routing.shape for g in gens] == [(3, 2 + 6, 2), (3, 1 + 6, 2)] * 2
+        assert sum(e["event"] == "generate" for s in (a, b) for e in events(s)) == 4
+    finally:
+        pool.close()

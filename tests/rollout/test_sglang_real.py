@@ -8,7 +8,9 @@ HF checkpoint. Both sides run float32 (`--dtype float32`), so logprobs agree to 
 tolerance below is 1e-4.
 
 One pair of servers serves the whole module; the tests run in file order and each reads the served
-policy from the `policy` fixture, so each also passes alone.
+policy from the `policy` fixture, so each also passes alone. The routing-replay test at the end has
+its own server: a tiny Qwen3-MoE launched with --enable-return-routed-experts (started only when
+that test runs).
 """
 from __future__ import annotations
 
@@ -213,6 +215,10 @@ def test_sglang_greedy_tokens_equal_jax_sampler_greedy_tokens(engine, jax_sample
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_sglang_logprobs_equal_learner_recomputed_logprobs(engine, policy, prompts, temperature):
+    # What SGLang reports at temperature T > 0 (sglang 0.5.23, srt/layers/sampler.py `Sampler.forward`,
+    # standard path): logits.div_(temperatures) (line 275), probs = softmax (line 297), logprobs =
+    # torch.log(probs) (line 315): log softmax(logits / T), computed before top-k / top-p, which only
+    # filter a sorted copy inside `_sample_from_probs`. The learner computes the same quantity.
     # Temperature 0 (greedy) reports the temperature-1 logprobs, as the engine protocol says.
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=1234)
     gens = engine.generate(prompts, params)
@@ -224,6 +230,25 @@ def test_sglang_logprobs_equal_learner_recomputed_logprobs(engine, policy, promp
     if temperature > 0:
         # Sampled, not argmax: some token must have a clearly lower logprob than the greedy choice.
         assert min(min(g.logprobs) for g in gens) < -3.0
+
+
+def test_sglang_logprobs_at_temperature_are_taken_before_top_k_top_p_truncation(engine, policy, prompts):
+    temperature, top_k = 0.7, 8
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, top_p=0.8, top_k=top_k, seed=99)
+    gens = engine.generate(prompts, params)
+    wants = learner_logprobs(policy, prompts, [g.output_ids for g in gens], temperature=temperature)
+    for prompt, g, want in zip(prompts, gens, wants):
+        np.testing.assert_allclose(g.logprobs, want, atol=LOGPROB_ATOL, rtol=0, err_msg=f"prompt {prompt}")
+    # The truncation is not a no-op here: renormalising over the top-k alone would move the logprob
+    # of some sampled token by far more than the tolerance, so the equality above tells the two apart.
+    prompt, g = prompts[-1], gens[-1]
+    seq = jnp.asarray([list(prompt) + g.output_ids], jnp.int32)
+    logits, _ = forward(policy.params, policy.config, seq, jnp.arange(seq.shape[1], dtype=jnp.int32)[None])
+    z = np.asarray(logits[0, len(prompt) - 1:-1], np.float64) / temperature  # [T, V], predicting each output
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    kept_mass = np.sort(probs, axis=-1)[:, -top_k:].sum(axis=-1)  # top-p keeps at most this much
+    assert -np.log(kept_mass).max() > 100 * LOGPROB_ATOL, kept_mass
 
 
 def test_pushed_weights_are_served_under_their_version(engine, jax_sampler, policy, prompts):
@@ -302,3 +327,132 @@ def test_server_killed_mid_run_is_restarted_and_pool_keeps_serving(engine, jax_s
     # And the pool serves through both servers again.
     again = engine.generate(batch, params)
     assert_same_greedy(policy, batch, again, want)
+
+
+# ---------------------------------------------------------------------------- MoE routing replay
+MOE_EXPERTS = 64  # many experts, top-2: three short sequences leave some unused in every layer
+ROUTER_BOOST = 20.0  # norm of the boosted router columns, in units of a column's mean norm
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE (64 experts, top-2, norm_topk_prob) plus tokenizer, as an HF folder."""
+    path = tmp_path_factory.mktemp("sglang_real_moe") / "base"
+    tokenizer = save_tiny_tokenizer(path)
+    save_tiny_qwen3(path, moe=True, vocab_size=tokenizer.vocab_size, num_experts=MOE_EXPERTS,
+                    num_experts_per_tok=2, norm_topk_prob=True, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_engine(sglang_python, moe_checkpoint):
+    """One MoE server launched with --enable-return-routed-experts, behind an engine that asks for it."""
+    server = SGLangServer(moe_checkpoint, port=find_free_port(), python=str(sglang_python),
+                          extra_args=CPU_LAUNCH_ARGS, startup_timeout_s=STARTUP_TIMEOUT_S, return_routing=True,
+                          log_path=moe_checkpoint.parent / "sglang_moe.log",
+                          env={"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ENV_DIR / "shim")})
+    server.start()
+    try:
+        with SGLangEngine([server], exporter=lambda params, path: None, export_dir=moe_checkpoint.parent / "exports",
+                          request_timeout_s=300.0, restart_timeout_s=STARTUP_TIMEOUT_S, return_routing=True) as eng:
+            yield eng
+    finally:
+        server.stop()
+
+
+@functools.partial(jax.jit, static_argnames=("config", "temperature"))
+def _padded_moe_logprobs(params, tokens, targets, routing, *, config: ModelConfig, temperature: float):
+    """[B, T] logprobs of `targets`, and the routing [L, B, T, k] of a forward without replay (None
+    when `routing` is replayed: under replay the model reports other ids, so the test never reads them)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    lp, aux = model_token_logprobs(params, config, tokens, positions, targets, routing=routing,
+                                   temperature=temperature)
+    return lp, (aux.routing if routing is None else None)
+
+
+def pad_moe_batch(prompts, gens, *, top_k: int):
+    """Right-padded tokens / targets [8, W] and recorded routing [L, 8, W, k] (W = MAX_PROMPT + MAX_NEW).
+
+    Position i of a row holds token i of prompt + output and predicts token i + 1, so it replays the
+    routing SGLang recorded for position i: rows [0, P + T - 1) of `Generation.routing` (the last row,
+    -1, belongs to the final token, which is never an input). Padding replays expert 0 (causal: it
+    cannot reach earlier positions).
+    """
+    width = MAX_PROMPT + MAX_NEW
+    num_layers = gens[0].routing.shape[0]
+    tokens = np.zeros((8, width), np.int32)
+    targets = np.zeros_like(tokens)
+    routing = np.zeros((num_layers, 8, width, top_k), np.int32)
+    for i, (prompt, g) in enumerate(zip(prompts, gens)):
+        seq = list(prompt) + g.output_ids
+        n = len(seq) - 1
+        tokens[i, :n], targets[i, :n] = seq[:-1], seq[1:]
+        routing[:, i, :n] = g.routing[:, :n]
+    return jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(routing)
+
+
+def boost_unused_experts(params: dict, recorded: list[np.ndarray], seed: int = 0) -> tuple[dict, list[list[int]]]:
+    """Params whose router columns of the experts no recorded position used (per layer) are large
+    random vectors: those experts now win fresh top-k choices, while the logits of the recorded
+    experts are unchanged. With norm_topk_prob the gate weights of replayed experts are their
+    softmax probabilities renormalised over the k replayed ones, exp(l_i) / sum_j exp(l_j) over the
+    replayed logits only (the partition function cancels), so replay stays exact.
+
+    recorded: each sequence's valid routing rows [L, n, k]. Returns (params, unused experts per layer).
+    """
+    router = np.array(params["layers"]["mlp"]["router"], np.float32)  # [L, D, E]
+    rng = np.random.default_rng(seed)
+    unused = []
+    for layer in range(router.shape[0]):
+        used = set(np.concatenate([r[layer].ravel() for r in recorded]).tolist())
+        unused.append([e for e in range(router.shape[2]) if e not in used])
+        scale = ROUTER_BOOST * np.linalg.norm(router[layer], axis=0).mean()
+        for e in unused[-1]:
+            v = rng.standard_normal(router.shape[1])
+            router[layer, :, e] = scale * v / np.linalg.norm(v)
+    mlp = {**params["layers"]["mlp"], "router": jnp.asarray(router, params["layers"]["mlp"]["router"].dtype)}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}, unused
+
+
+def test_routing_replay_reproduces_sglang_moe_logprobs_when_fresh_routing_differs(moe_engine, moe_checkpoint):
+    params, config = load_hf_params(moe_checkpoint)
+    assert config.num_experts == MOE_EXPERTS and config.norm_topk_prob
+    tokenizer = Tokenizer.from_dir(moe_checkpoint)
+    prompts = [tokenizer.encode(t)[:n] for t, n in zip(TOKENIZER_CORPUS[2:5], (6, 12, MAX_PROMPT))]
+    temperature, k = 0.7, config.num_experts_per_tok
+    gens = moe_engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=4321))
+    recorded = []
+    for prompt, g in zip(prompts, gens):
+        n = len(prompt) + len(g.output_ids) - 1
+        assert g.routing.shape == (config.num_layers, n + 1, k) and g.routing.dtype == np.int32
+        assert (g.routing[:, n] == -1).all(), "the last sampled token never ran through the model"
+        assert ((g.routing[:, :n] >= 0) & (g.routing[:, :n] < MOE_EXPERTS)).all()
+        recorded.append(g.routing[:, :n])
+    tokens, targets, routing = pad_moe_batch(prompts, gens, top_k=k)
+
+    def logprobs(p, replay):
+        lp, fresh = _padded_moe_logprobs(p, tokens, targets, routing if replay else None, config=config,
+                                         temperature=temperature)
+        per_seq = [np.asarray(lp[i, len(pr) - 1:len(pr) - 1 + len(g.output_ids)])
+                   for i, (pr, g) in enumerate(zip(prompts, gens))]
+        return per_seq, None if fresh is None else np.asarray(fresh)
+
+    def max_err(per_seq):
+        return max(float(np.abs(lp - np.asarray(g.logprobs)).max()) for lp, g in zip(per_seq, gens))
+
+    # Same params: replay and the learner's own routing both reproduce the server.
+    assert max_err(logprobs(params, replay=True)[0]) < LOGPROB_ATOL
+    assert max_err(logprobs(params, replay=False)[0]) < LOGPROB_ATOL
+
+    boosted, unused = boost_unused_experts(params, recorded)
+    assert any(unused), f"every expert was used in every layer; unused per layer: {unused}"
+    replayed, _ = logprobs(boosted, replay=True)
+    fresh_lp, fresh_routing = logprobs(boosted, replay=False)
+    # Replay is exact although the router changed; the learner's own routing is not.
+    assert max_err(replayed) < LOGPROB_ATOL, f"replayed logprobs differ from SGLang's by {max_err(replayed):.2e}"
+    assert max_err(fresh_lp) > 1e-2, f"the boosted router changed logprobs by only {max_err(fresh_lp):.2e}"
+    # Fraction of (layer, token) pairs whose fresh top-k set differs from the recorded one.
+    differ = [np.any(np.sort(fresh_routing[:, i, :r.shape[1]], -1) != np.sort(r, -1), axis=-1)
+              for i, r in enumerate(recorded)]
+    fraction = float(np.concatenate([d.ravel() for d in differ]).mean())
+    assert fraction > 0, "fresh routing equals the recorded routing everywhere: the test proves nothing"

@@ -16,15 +16,22 @@ Faithful where the engine depends on it:
     with finish_reason abort; otherwise they wait; new requests wait until /continue_generation.
   * /update_weights_from_disk {"model_path", "weight_version"}: loading a checkpoint of another
     architecture kills the process, as real SGLang does.
+  * `--enable-return-routed-experts` and the request field `return_routed_experts`: for an MoE
+    config.json (num_hidden_layers, num_experts_per_tok, num_experts) the answer carries
+    `meta_info.routed_experts` in SGLang's wire format (base64 int32 [P + T - 1, layers, top_k],
+    see ace/rollout/sglang_routing.py) with the ids of `fake_routing`; without the launch flag the
+    field is absent, as in SGLang.
   * GET /fake/events lists the control calls in order (a test hook real SGLang does not have).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
 import random
+import struct
 import sys
 import threading
 import time
@@ -37,8 +44,28 @@ def load_model(model_path: str | os.PathLike) -> dict:
     cfg = json.loads(Path(model_path, "config.json").read_text())
     weights_file = Path(model_path, "fake_weights.json")
     shift = json.loads(weights_file.read_text())["shift"] if weights_file.exists() else 0
+    moe = None
+    if cfg.get("num_experts"):
+        moe = {"num_layers": int(cfg["num_hidden_layers"]), "top_k": int(cfg["num_experts_per_tok"]),
+               "num_experts": int(cfg["num_experts"])}
     return {"architectures": cfg["architectures"], "vocab_size": int(cfg.get("vocab_size", 32)),
-            "shift": int(shift), "path": str(model_path)}
+            "shift": int(shift), "path": str(model_path), "moe": moe}
+
+
+def fake_routing(seq: list[int], *, num_layers: int, top_k: int, num_experts: int) -> list[list[list[int]]]:
+    """[len(seq) - 1, num_layers, top_k] expert ids, SGLang's row layout: one row per position the
+    model ran on (every token but the last), top_k distinct ids per layer from a fixed hash."""
+    rows = []
+    for pos, tok in enumerate(seq[:-1]):
+        starts = [(tok * 31 + pos * 7 + layer * 13) % num_experts for layer in range(num_layers)]
+        rows.append([[(s + j) % num_experts for j in range(top_k)] for s in starts])
+    return rows
+
+
+def encode_routing(rows: list[list[list[int]]]) -> str:
+    """SGLang's encoding of routed experts: base64 of the raw little-endian int32 bytes."""
+    flat = [i for row in rows for layer in row for i in layer]
+    return base64.b64encode(struct.pack(f"<{len(flat)}i", *flat)).decode("ascii")
 
 
 def fake_logits(context: list[int], *, shift: int, vocab_size: int) -> list[float]:
@@ -70,8 +97,10 @@ def reference_greedy(prompt: list[int], *, shift: int, vocab_size: int, max_new_
 
 
 class FakeSGLang:
-    def __init__(self, model_path: str, token_s: float, weight_version: str = "default"):
+    def __init__(self, model_path: str, token_s: float, weight_version: str = "default",
+                 return_routing: bool = False):
         self.model = load_model(model_path)
+        self.return_routing = return_routing  # --enable-return-routed-experts
         self.version = weight_version
         self.token_s = token_s
         self.cond = threading.Condition()
@@ -90,7 +119,7 @@ class FakeSGLang:
                 self.cond.wait()
             return dict(self.model), self.version
 
-    def generate_one(self, prompt: list[int], sp: dict) -> dict:
+    def generate_one(self, prompt: list[int], sp: dict, routed_experts: bool = False) -> dict:
         model, version = self._wait_unpaused()
         temperature = float(sp.get("temperature", 1.0))
         top_k = int(sp.get("top_k", -1))
@@ -128,10 +157,11 @@ class FakeSGLang:
         if reason is None:
             reason = {"type": "length", "length": len(triples)}
         self.log(event="generate", weight_version=version, finish_reason=reason["type"])
-        return {"text": "", "output_ids": [t[1] for t in triples],
-                "meta_info": {"id": uuid.uuid4().hex, "finish_reason": reason,
-                              "prompt_tokens": len(prompt), "completion_tokens": len(triples),
-                              "output_token_logprobs": triples, "weight_version": version}}
+        meta = {"id": uuid.uuid4().hex, "finish_reason": reason, "prompt_tokens": len(prompt),
+                "completion_tokens": len(triples), "output_token_logprobs": triples, "weight_version": version}
+        if routed_experts and self.return_routing and model["moe"]:
+            meta["routed_experts"] = encode_routing(fake_routing(ctx, **model["moe"]))
+        return {"text": "", "output_ids": [t[1] for t in triples], "meta_info": meta}
 
     def update_weights(self, body: dict) -> tuple[int, dict]:
         path = body.get("model_path")
@@ -205,7 +235,12 @@ def make_handler(state: FakeSGLang):
                 if len(sps) != len(prompts):
                     self._send(400, {"error": f"{len(prompts)} prompts, {len(sps)} sampling_params"})
                     return
-                out = [state.generate_one(p, sp) for p, sp in zip(prompts, sps)]
+                routed = body.get("return_routed_experts", False)
+                if not isinstance(routed, bool):
+                    # SGLang's request model takes one bool for the whole batch.
+                    self._send(400, {"error": f"return_routed_experts must be a bool, got {routed!r}"})
+                    return
+                out = [state.generate_one(p, sp, routed) for p, sp in zip(prompts, sps)]
                 self._send(200, out if batched else out[0])
             elif self.path == "/update_weights_from_disk":
                 self._send(*state.update_weights(body))
@@ -238,13 +273,15 @@ def main(argv=None):
     ap.add_argument("--fake-startup-s", type=float, default=0.0, help="delay before serving /health")
     ap.add_argument("--fake-token-s", type=float, default=0.0, help="time per generated token")
     ap.add_argument("--fake-exit-at-start", action="store_true", help="die before serving")
+    ap.add_argument("--enable-return-routed-experts", action="store_true")
     args, unknown = ap.parse_known_args(argv)
     print(f"fake sglang: model {args.model_path} tp {args.tp_size} port {args.port}; "
           f"ignored flags {unknown}", flush=True)
     if args.fake_exit_at_start:
         print("fatal: simulated start-up failure (out of memory for KV cache)", flush=True)
         sys.exit(3)
-    state = FakeSGLang(args.model_path, args.fake_token_s, args.weight_version)
+    state = FakeSGLang(args.model_path, args.fake_token_s, args.weight_version,
+                       return_routing=args.enable_return_routed_experts)
     time.sleep(args.fake_startup_s)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True

@@ -23,8 +23,13 @@ TOKENIZER_CORPUS = [
 
 
 def tiny_qwen3_config(*, moe: bool, tie_word_embeddings: bool = False, norm_topk_prob: bool = True,
-                      vocab_size: int = 96, num_layers: int = 2, max_position_embeddings: int = 256):
-    """A transformers Qwen3Config / Qwen3MoeConfig; head_dim 16 != hidden/heads, like Qwen3-30B-A3B."""
+                      vocab_size: int = 96, num_layers: int = 2, max_position_embeddings: int = 256,
+                      num_experts: int = 4, num_experts_per_tok: int = 2):
+    """A transformers Qwen3Config / Qwen3MoeConfig; head_dim 16 != hidden/heads, like Qwen3-30B-A3B.
+
+    `num_experts` / `num_experts_per_tok` apply to the MoE config only (routing-replay tests want
+    experts that a short sequence never routes to, hence more than the default 4).
+    """
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     common = dict(
@@ -36,7 +41,8 @@ def tiny_qwen3_config(*, moe: bool, tie_word_embeddings: bool = False, norm_topk
     )
     if not moe:
         return Qwen3Config(**common)
-    return Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    return Qwen3MoeConfig(**common, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                          moe_intermediate_size=16,
                           norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
 
 

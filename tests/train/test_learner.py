@@ -8,8 +8,9 @@ import pytest
 
 from ace.models import TINY, TINY_DENSE, init_params
 from ace.models.sharding import make_mesh
+from ace.models.qwen3 import forward
 from ace.train.learner import (Batch, LearnerConfig, init_learner, jit_train_step, learner_logprobs, make_batch,
-                               shard_state, train_step)
+                               ppo_update, routing_disagreement, shard_state, train_step)
 from ace.train.queue import Sample
 
 MOE = TINY.replace(vocab_size=64)
@@ -88,7 +89,7 @@ def test_sharded_train_step_equals_unsharded(moe_reference, mesh_shape):
     assert int(got_state.step) == 1
     _assert_trees_close(got_state.params, want_state.params, atol=1e-6)
     _assert_trees_close(got_state.opt_state, want_state.opt_state, atol=1e-6)
-    assert set(got_metrics) == set(want_metrics)
+    assert set(got_metrics) == set(want_metrics) | {"minibatches"}
     for name in want_metrics:
         np.testing.assert_allclose(float(got_metrics[name]), float(want_metrics[name]), rtol=1e-4, atol=1e-6,
                                    err_msg=name)
@@ -144,6 +145,93 @@ def test_on_policy_loss_and_kl_term_match_numpy():
     np.testing.assert_allclose(float(metrics["loss"]), want_pg + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-5)
     assert float(metrics["tokens"]) == mask.sum()
+
+
+def test_entropy_metric_and_bonus_match_full_logits_at_the_sampling_temperature():
+    """entropy = token mean over the loss mask of −Σ p log p with p = softmax(logits / T) from the
+    full forward logits; the bonus subtracts entropy_coef · entropy from the loss."""
+    params = init_params(DENSE, jax.random.key(5))
+    temperature = 0.7
+    cfg = LearnerConfig(lr=1e-3, total_steps=10, temperature=temperature, entropy_coef=0.3, aux_loss_coef=0.0)
+    batch = _batch(3)
+    batch = batch.replace(old_logp=np.asarray(learner_logprobs(params, batch, config=cfg, model_config=DENSE)))
+    state = init_learner(params, cfg, jax.random.key(0))
+    _, metrics = jax.jit(lambda s, b: train_step(s, b, config=cfg, model_config=DENSE))(state, batch)
+    logits, _ = forward(params, DENSE, jnp.asarray(batch.tokens), jnp.asarray(batch.positions))
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1)
+    mask = batch.loss_mask != 0
+    np.testing.assert_allclose(float(metrics["entropy"]), entropy[mask].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["pg_loss"]) - 0.3 * entropy[mask].mean(),
+                               rtol=1e-5, atol=1e-6)
+    # The proximal logprobs were taken at the same temperature: every ratio is 1.
+    np.testing.assert_allclose(float(metrics["ratio_max"]), 1.0, atol=1e-5)
+
+
+def test_constant_norm_len_normalises_by_batch_times_norm_len():
+    params = init_params(DENSE, jax.random.key(6))
+    cfg = LearnerConfig(lr=1e-3, total_steps=10, agg="seq_mean_token_sum_norm", norm_len=40, micro_batches=2,
+                        aux_loss_coef=0.0)
+    batch = _batch(4)
+    batch = batch.replace(old_logp=np.asarray(learner_logprobs(params, batch, config=cfg, model_config=DENSE)))
+    _, metrics = jax.jit(lambda s, b: train_step(s, b, config=cfg, model_config=DENSE))(
+        init_learner(params, cfg, jax.random.key(0)), batch)
+    want = -np.sum(batch.advantages[:, None] * batch.sample_weights[:, None] * batch.loss_mask) / (8 * 40)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="norm_len"):
+        LearnerConfig(norm_len=40)  # only meaningful for seq_mean_token_sum_norm
+
+
+def test_ppo_update_takes_one_step_per_minibatch_against_the_same_proximal_logprobs():
+    """minibatches=2 equals two train_steps on rows 0,2,4,.. then 1,3,5,.. with the proximal
+    logprobs of the start; the second step's ratio is no longer 1, so the clip can act."""
+    params = init_params(DENSE, jax.random.key(7))
+    cfg = LearnerConfig(lr=3e-2, total_steps=10, minibatches=2, eps_low=0.01, eps_high=0.01, aux_loss_coef=0.0)
+    batch = _batch(5)
+    batch = batch.replace(old_logp=np.asarray(learner_logprobs(params, batch, config=cfg, model_config=DENSE)))
+    state = init_learner(params, cfg, jax.random.key(0))
+    got_state, metrics = jax.jit(lambda s, b: ppo_update(s, b, config=cfg, model_config=DENSE))(state, batch)
+    one = dataclasses.replace(cfg, minibatches=1)
+    step = jax.jit(lambda s, b: train_step(s, b, config=one, model_config=DENSE))
+    halves = [jax.tree.map(lambda x: None if x is None else np.asarray(x)[i::2], batch) for i in (0, 1)]
+    want_state, m0 = step(state, halves[0])
+    want_state, m1 = step(want_state, halves[1])
+    _assert_trees_close(got_state.params, want_state.params, atol=1e-6)
+    assert int(got_state.step) == 2
+    np.testing.assert_allclose(float(metrics["loss"]), (float(m0["loss"]) + float(m1["loss"])) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(m0["ratio_max"]), 1.0, atol=1e-5)
+    assert abs(float(m1["ratio_mean"]) - 1.0) > 1e-4 and float(m1["clip_frac"]) > 0
+    assert float(metrics["minibatches"]) == 2.0
+    with pytest.raises(ValueError, match="not a multiple of minibatches"):
+        ppo_update(state, _batch(5, n=6), config=dataclasses.replace(cfg, minibatches=4), model_config=DENSE)
+
+
+def test_sharded_ppo_update_with_minibatches_equals_unsharded():
+    cfg = LearnerConfig(lr=1e-3, total_steps=10, minibatches=2, micro_batches=2, adam_eps=1e-6, tis_cap=2.0)
+    state = init_learner(init_params(MOE, jax.random.key(0)), cfg, jax.random.key(1))
+    batch = _batch(6)
+    want_state, want = jax.jit(lambda s, b: ppo_update(s, b, config=cfg, model_config=MOE))(state, batch)
+    mesh = make_mesh({"fsdp": 2, "expert": 4})
+    got_state, got = jit_train_step(cfg, MOE, mesh)(shard_state(state, cfg, MOE, mesh), batch)
+    assert int(got_state.step) == 2
+    _assert_trees_close(got_state.params, want_state.params, atol=1e-6)
+    for name in ("loss", "grad_norm", "entropy", "clip_frac", "ratio_max"):
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_routing_disagreement_counts_token_layer_pairs_whose_expert_sets_differ():
+    rng = np.random.default_rng(0)
+    given = np.stack([rng.permutation(6)[:2] for _ in range(3 * 2 * 4)]).reshape(3, 2, 4, 2)
+    own = given[..., ::-1].copy()  # the same sets in another order never count
+    own[0, 0, 1] = [5, 4] if set(given[0, 0, 1]) != {4, 5} else [0, 1]
+    own[2, 1, 3, 0] = [x for x in range(6) if x not in given[2, 1, 3]][0]
+    own[1, 1, 0, 1] = [x for x in range(6) if x not in given[1, 1, 0]][0]  # outside the mask below
+    mask = np.ones((2, 4), np.float32)
+    mask[1, 0] = 0
+    got = float(routing_disagreement(jnp.asarray(given), jnp.asarray(own), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, 2 / (3 * 7))
 
 
 def test_train_step_rejects_inconsistent_batches():

@@ -269,3 +269,64 @@ def test_kl_reference_sharded_learner_sync_every_and_after_publish(tmp_path, par
     assert history[0]["weight_push_s"] == 0.0 and "hook_param_sum" in history[1] and "hook_param_sum" in history[2]
     want = float(sum(np.sum(np.asarray(x, np.float32)) for x in jax.tree.leaves(trainer.learner.params)))
     assert history[2]["hook_param_sum"] == pytest.approx(want, rel=1e-5)
+
+
+MOE_MODEL = MODEL.replace(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                          tie_word_embeddings=False)
+
+
+def test_off_policy_machinery_on_an_moe_policy(tmp_path, tokenizer, monkeypatch):
+    """Async MoE run at temperature 0.7 with routing replay, two minibatches, an entropy bonus, dual
+    clip, stale groups down-weighted: the proximal logprobs are the learner's own at the sampling
+    temperature with the engine's routing replayed, and every off-policy metric is logged."""
+    import ace.train.trainer as trainer_mod
+    from ace.train.learner import learner_logprobs
+
+    queues = []
+
+    class RecordingQueue(trainer_mod.RolloutQueue):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            queues.append(self)
+
+    monkeypatch.setattr(trainer_mod, "RolloutQueue", RecordingQueue)
+    params = init_params(MOE_MODEL, jax.random.key(1))
+    cfg = _cfg(steps=2, sync=False, temperature=0.7, routing_replay=True, minibatches=2, entropy_coef=0.01,
+               dual_clip=3.0, tis_cap=1.5, staleness_policy="reweight", staleness_decay=0.25, max_staleness=0)
+    engine = JaxSampler(params, MOE_MODEL, max_batch=cfg.group_size, max_prompt_len=PROMPT_TOKENS,
+                        max_new_tokens=NEW_TOKENS, prompt_buckets=(), seed=0, return_routing=True)
+    trainer = AceTrainer(cfg, CURRICULUM, params=params, model_config=MOE_MODEL, tokenizer=tokenizer, comps=COMPS,
+                         engine=engine, env_factory=ToyEnv, out_dir=tmp_path, progress=False)
+    seen = []
+    step = trainer._train_step
+
+    def spy_step(state, batch):
+        seen.append((state.params, batch))
+        return step(state, batch)
+
+    trainer._train_step = spy_step
+    history = trainer.run()
+    assert queues[0].reweight_decay == 0.25 and queues[0].policy == "reweight"
+    lcfg = trainer.lcfg
+    assert lcfg.temperature == 0.7 and lcfg.routing_replay and lcfg.dual_clip == 3.0
+    for start_params, batch in seen:
+        assert batch.routing is not None and batch.routing.shape[0] == MOE_MODEL.num_layers
+        mask = np.asarray(batch.loss_mask) != 0
+        # Proximal = the update's starting params, at the sampling temperature, routing replayed.
+        want = np.asarray(learner_logprobs(start_params, batch, config=lcfg, model_config=MOE_MODEL))
+        np.testing.assert_allclose(np.asarray(batch.old_logp)[mask], want[mask], atol=1e-5)
+    # Step 1's data was sampled by the same params: behaviour = proximal to float32 rounding.
+    first = seen[0][1]
+    mask = np.asarray(first.loss_mask) != 0
+    np.testing.assert_allclose(np.asarray(first.old_logp)[mask], np.asarray(first.rollout_logp)[mask], atol=1e-4)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    for key in ("entropy", "tis_weight_mean", "tis_truncated_frac", "routing_disagreement", "clip_frac",
+                "dual_clip_frac", "kl", "minibatches"):
+        assert key in records[-1], key
+    assert history[0]["minibatches"] == 2.0 and history[0]["entropy"] > 0
+    assert all(0.0 <= m["routing_disagreement"] <= 1.0 for m in history)
+    # Step 1's routing is the sampler's own: the learner's routers, before any step, agree with it.
+    from ace.models.qwen3 import forward
+    from ace.train.learner import routing_disagreement
+    _, aux = forward(seen[0][0], MOE_MODEL, first.tokens, first.positions, return_routing=True)
+    assert float(routing_disagreement(first.routing, aux.routing, first.loss_mask)) == 0.0

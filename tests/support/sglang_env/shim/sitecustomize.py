@@ -9,8 +9,20 @@ any real call of the ops raises, which is fine: the SGLang text path never calls
 
 torch is imported only when something imports torchvision, so processes that never touch
 torchvision pay nothing.
+
+CPU shim, part 3 (part 2 is ./sgl_kernel): `--enable-return-routed-experts` on the CPU build.
+The routed-experts capturer keeps its host buffer (`BaseHostCache` in
+sglang/srt/state_capturer/base.py) in pinned memory: it allocates through
+`ALLOC_MEMORY_FUNCS[device](..., pin_memory=True)`, which registers the pages with
+`cudaHostRegister`, and the CPU torch dies there with "Torch not compiled with CUDA enabled".
+Pinning only speeds up device-to-host copies, and on the CPU there is no device. Right after that
+module is imported, its own reference to `ALLOC_MEMORY_FUNCS` is replaced by one that allocates
+the same buffer unpinned; every other host pool of SGLang keeps the original table, and the
+installed package files stay as they are.
 """
+import functools
 import importlib.abc
+import importlib.util
 import sys
 
 # Schemas as torchvision's csrc/ops/nms.cpp and quantized/qnms declare them.
@@ -48,3 +60,61 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
 
 if "torchvision" not in sys.modules:
     sys.meta_path.insert(0, _BeforeTorchvision())
+
+
+_CAPTURER_BASE = "sglang.srt.state_capturer.base"
+
+
+class _UnpinnedAllocs:
+    """Stands in for SGLang's `ALLOC_MEMORY_FUNCS` table (device -> allocation function) inside one
+    module: the same functions, called with pin_memory=False."""
+
+    def __init__(self, table):
+        self._table = table
+
+    def __getitem__(self, device):
+        alloc = self._table[device]
+
+        @functools.wraps(alloc)
+        def unpinned(*args, **kwargs):
+            kwargs["pin_memory"] = False
+            return alloc(*args, **kwargs)
+
+        return unpinned
+
+
+def _unpin_capturer_host_buffer(module) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        # A GPU build pins as SGLang intends (and needs it for its asynchronous copies).
+        return
+    module.ALLOC_MEMORY_FUNCS = _UnpinnedAllocs(module.ALLOC_MEMORY_FUNCS)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `patch(module)` right after the module `name` executes (in every process: spawned
+    SGLang workers import this sitecustomize again), then steps aside."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the regular finders, now that this one is gone
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+if _CAPTURER_BASE not in sys.modules:
+    sys.meta_path.insert(0, _AfterImport(_CAPTURER_BASE, _unpin_capturer_host_buffer))
