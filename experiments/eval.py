@@ -145,27 +145,6 @@ def load_policy(path: str | os.PathLike, *, step: int | None = None) -> Policy:
                   run_dir=run_dir, prompt_cfg=_prompt_config(run_dir))
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
-    """(found, value) of a dotted key in nested dicts."""
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _assign(tree: dict, dotted: str, found: bool, value: Any) -> None:
-    """Sets (or, when not `found`, deletes) a dotted key in nested dicts, creating the parents."""
-    *parents, last = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    if found:
-        tree[last] = copy.deepcopy(value)
-    else:
-        tree.pop(last, None)
-
-
 def override_keys(overrides: Sequence[str]) -> list[str]:
     """The dotted keys (or config groups) that Hydra command-line overrides set, add or delete."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -181,18 +160,28 @@ def with_run_settings(cfg: Mapping[str, Any], run_cfg: Mapping[str, Any],
     one it names a part of (`env.max_steps=3`) is the run's with that part from the command.
     Returns (the merged config, the settings taken from the run).
     """
-    out = copy.deepcopy(dict(cfg))
+    given, run = OmegaConf.create(dict(cfg)), OmegaConf.create(dict(run_cfg))
+    out = copy.deepcopy(given)
+    missing = object()
     taken = []
     for path in RUN_SETTINGS:
-        found, value = _lookup(run_cfg, path)
-        if not found or any(path == k or path.startswith(k + ".") for k in overridden):
+        value = OmegaConf.select(run, path, default=missing)
+        if value is missing or any(path == k or path.startswith(k + ".") for k in overridden):
             continue
-        _assign(out, path, True, value)
+        OmegaConf.update(out, path, value, merge=False)
         for key in overridden:
-            if key.startswith(path + "."):
-                _assign(out, key, *_lookup(cfg, key))
+            if not key.startswith(path + "."):
+                continue
+            mine = OmegaConf.select(given, key, default=missing)
+            if mine is not missing:
+                OmegaConf.update(out, key, mine, merge=False)
+            else:  # the command deleted it (~key)
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(out, parent) if parent else out
+                if isinstance(node, DictConfig):
+                    node.pop(leaf, None)
         taken.append(path)
-    return out, taken
+    return OmegaConf.to_container(out), taken
 
 
 def suite_competitions(cfg: Mapping[str, Any], suite: str) -> list[Any]:

@@ -11,7 +11,7 @@ from ace.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF_POLICY_KEYS = ("entropy", "kl", "tis_weight_mean", "tis_truncated_frac", "routing_disagreement", "clip_frac",
-                   "ratio_mean", "minibatches")
+                   "ratio_mean")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_kl_and_routing_replay_run_to_completion_and_log_their_metrics(tmp_path,
     for r in records:
         for key in OFF_POLICY_KEYS:
             assert key in r, key
-        assert r["entropy"] > 0 and r["minibatches"] == 2.0
+        assert r["entropy"] > 0
         assert 0.0 < r["tis_weight_mean"] <= 2.0 and 0.0 <= r["tis_truncated_frac"] <= 1.0
         assert 0.0 <= r["routing_disagreement"] <= 1.0
     # Step 1 trains the reference itself (KL 0 up to the second minibatch's move); the policy then leaves it.

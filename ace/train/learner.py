@@ -413,8 +413,9 @@ def train_step(state: LearnerState, batch: Batch, *, config: LearnerConfig,
         kl = (kl_penalty(logp, mb.ref_logp, kind=cfg.kl_kind, mask=mb.loss_mask)
               if mb.ref_logp is not None else jnp.zeros((), jnp.float32))
         mean_entropy = _masked_token_mean(entropy, mb.loss_mask)
-        loss = (share * pg + token_share * (cfg.kl_coef * kl - cfg.entropy_coef * mean_entropy)
-                + aux_coef * aux.aux_loss / m)
+        loss = share * pg + token_share * cfg.kl_coef * kl + aux_coef * aux.aux_loss / m
+        if cfg.entropy_coef > 0:  # otherwise the entropy is only logged: no term in the loss
+            loss = loss - token_share * cfg.entropy_coef * mean_entropy
         parts = {"pg_loss": share * pg, "kl": token_share * kl, "aux_loss": aux.aux_loss / m}
         metrics = {**metrics, "entropy": jax.lax.stop_gradient(mean_entropy)}
         if mb.routing is not None and aux.own_routing is not None:
@@ -468,7 +469,7 @@ def ppo_update(state: LearnerState, batch: Batch, *, config: LearnerConfig,
 
     Returns:
       (new state, metrics): `train_step`'s metrics averaged over the minibatches (ratio_max and
-      ratio_min are the extremes, lr the last step's), plus minibatches.
+      ratio_min are the extremes, lr the last step's).
     """
     k = config.minibatches
     b = batch.tokens.shape[0]
@@ -476,14 +477,13 @@ def ppo_update(state: LearnerState, batch: Batch, *, config: LearnerConfig,
         raise ValueError(f"ppo_update: batch size {b} is not a multiple of minibatches * micro_batches = "
                          f"{k} * {config.micro_batches}")
     if k == 1:
-        state, metrics = train_step(state, batch, config=config, model_config=model_config)
-        return state, {**metrics, "minibatches": jnp.float32(1)}
+        return train_step(state, batch, config=config, model_config=model_config)
     minis = _split_micro(batch, k)
     state, per_step = jax.lax.scan(
         lambda st, mb: train_step(st, mb, config=config, model_config=model_config), state, minis)
     metrics = {name: jnp.mean(v) for name, v in per_step.items()}
     metrics.update(ratio_max=jnp.max(per_step["ratio_max"]), ratio_min=jnp.min(per_step["ratio_min"]),
-                   lr=per_step["lr"][-1], tokens=jnp.sum(per_step["tokens"]), minibatches=jnp.float32(k))
+                   lr=per_step["lr"][-1], tokens=jnp.sum(per_step["tokens"]))
     return state, metrics
 
 
