@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 METRICS = ("valid_rate", "gold_rate", "silver_rate", "bronze_rate", "any_medal_rate",
            "above_median_rate", "human_rank", "steps_to_first_valid")
+# The rows of the AceGRPO paper's MLE-bench-Lite table (each mean ± SE).
+LITE_ROWS = ("valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +132,26 @@ def evaluate_episodes(episodes_by_seed: Mapping[int, Sequence[Any]]) -> dict[str
                     for seed, eps in episodes_by_seed.items() for ep in eps)
 
 
-def format_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanSE]]) -> str:
+def format_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanSE]], *,
+                 rows: Sequence[str] | None = None) -> str:
     """A fixed-width text table: one row per metric, one column per run.
 
     Args:
       results: the output of `evaluate`, or {run name: output of evaluate} for several columns.
+      rows: the metrics to show, in this order (a metric no run has shows as "-"); None shows
+        every metric of the runs, METRICS first.
     """
     if not results:
         raise ValueError("format_table needs at least one result")
     first = next(iter(results.values()))
     runs = {"result": results} if isinstance(first, MeanSE) else dict(results)
-    names = [m for m in METRICS if any(m in r for r in runs.values())]
-    names += sorted({m for r in runs.values() for m in r} - set(names))
+    if rows is not None:
+        if isinstance(rows, str) or not rows:
+            raise ValueError(f"rows={rows!r}: expected a non-empty sequence of metric names")
+        names = list(rows)
+    else:
+        names = [m for m in METRICS if any(m in r for r in runs.values())]
+        names += sorted({m for r in runs.values() for m in r} - set(names))
     cells = [["metric"] + list(runs)]
     for name in names:
         row = [name]
@@ -153,3 +163,8 @@ def format_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanS
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_lite_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanSE]]) -> str:
+    """The MLE-bench-Lite table of the AceGRPO paper: `format_table` over LITE_ROWS."""
+    return format_table(results, rows=LITE_ROWS)

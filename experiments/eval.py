@@ -1,6 +1,14 @@
-"""Evaluates a trained checkpoint on a suite with fixed seeds and prints the `ace.eval` metrics table.
+"""Evaluates a trained checkpoint on a suite with fixed seeds, prints the `ace.eval` metrics table and
+writes MLE-bench's grading reports.
 
     python experiments/eval.py checkpoint=outputs/<run> suite=held_out seeds=[0,1,2]
+    python experiments/eval.py checkpoint=outputs/<run> env=mlebench env.data_dir=<prepared> suite=lite seeds=[0,1,2]
+
+Suites: `train`, `held_out` and `all` (training then held-out) are the run's own competitions;
+`lite` is MLE-bench-Lite: the `ace.env.mlebench.MLEBENCH_LITE` competitions prepared under
+env.data_dir (it needs env.kind=mlebench; the ones not prepared are listed, and the table then covers
+fewer than 22). `lite` prints the MLE-bench-Lite table of the AceGRPO paper (`ace.eval.LITE_ROWS`),
+the other suites the full table.
 
 `checkpoint` is a run directory (the `out_dir` of `experiments/run.py`), its `checkpoints/` folder,
 or one step folder inside it (default: the newest step). The run directory is all it needs:
@@ -15,7 +23,17 @@ or one step folder inside it (default: the newest step). The run directory is al
              name is taken from the arguments instead. Without a `config.json` all settings come
              from this command's config (the same Hydra config dir as `run.py`).
 
-The competitions come from `ace.train.experiment.load_competitions` (env.kind builtin or mlebench).
+The competitions come from `ace.train.experiment.load_competitions` (env.kind builtin or mlebench),
+or for `lite` from `ace.env.mlebench.load_mlebench_suite(env.data_dir, "lite")`.
+
+Outputs, under `<run dir>/eval/<suite>-step<step>/`:
+
+  submissions/seed-<seed>/<competition>.csv   each episode's best submission (what `submit` hands in)
+  seed-<seed>/<timestamp>_grading_report.json MLE-bench's grading report of that seed's episodes
+                                              (`ace.env.reports`: one competition report each)
+  metrics.json                                the metrics as {name: {mean, se, n}} (null for n/a)
+  table.txt, lite_table.txt                   the full table and the MLE-bench-Lite rows
+
 Sampling always uses the embedded JAX sampler (rollout.kind=jax_sampler), whatever served the run's
 rollouts. With the same checkpoint and seeds, two evaluations print the same table (see
 `ace.train.episodes`).
@@ -26,6 +44,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,7 +57,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-SUITES = ("train", "held_out", "all")
+SUITES = ("train", "held_out", "all", "lite")
 # Settings of the run's own evaluation, read from <run dir>/config.json unless the command names them.
 RUN_SETTINGS = ("seed", "env", "eval", "train.competitions", "rollout.max_new_tokens", "rollout.max_prompt_tokens",
                 "rollout.top_p", "rollout.top_k")
@@ -48,7 +67,7 @@ ConfigStore.instance().store(name="eval_cli", node={
     "defaults": ["config", "_self_"],
     "checkpoint": "???",   # run dir, its checkpoints/ dir, or one step dir
     "step": None,          # checkpoint step (null = the newest)
-    "suite": "held_out",   # train | held_out | all
+    "suite": "held_out",   # train | held_out | all | lite (MLE-bench-Lite: env=mlebench env.data_dir=...)
     "seeds": None,         # null = eval.seeds
 })
 
@@ -184,11 +203,41 @@ def with_run_settings(cfg: Mapping[str, Any], run_cfg: Mapping[str, Any],
     return OmegaConf.to_container(out), taken
 
 
+def lite_competitions(cfg: Mapping[str, Any]) -> list[Any]:
+    """The MLE-bench-Lite competitions prepared under env.data_dir (all 22 when every one is);
+    prints the ones that are not prepared. Needs env.kind=mlebench."""
+    from ace.env.mlebench import MLEBENCH_LITE, load_mlebench_suite
+
+    env = cfg["env"]
+    if env.get("kind") != "mlebench":
+        raise ValueError(f"suite=lite evaluates on MLE-bench-Lite and needs env.kind=mlebench, got "
+                         f"env.kind={env.get('kind')!r}: pass env=mlebench env.data_dir=<the folder "
+                         "`mlebench prepare` wrote>")
+    data_dir = env.get("data_dir")
+    if not data_dir or data_dir == "???":
+        raise ValueError("suite=lite needs env.data_dir: the folder `mlebench prepare` wrote "
+                         "(<data_dir>/<competition>/prepared/{public,private})")
+    root = Path(str(data_dir)).expanduser()
+    comps = load_mlebench_suite(root, "lite", competitions_dir=env.get("competitions_dir"))
+    loaded = {c.comp_id for c in comps}
+    missing = [c for c in MLEBENCH_LITE if c not in loaded]
+    if missing:
+        print(f"[eval] MLE-bench-Lite: {len(missing)} of {len(MLEBENCH_LITE)} competitions are not prepared "
+              f"under {root}; the table covers {len(comps)}. Not prepared: {', '.join(missing)}", flush=True)
+    if not comps:
+        raise FileNotFoundError(f"suite=lite: none of the {len(MLEBENCH_LITE)} MLE-bench-Lite competitions is "
+                                f"prepared under env.data_dir={str(data_dir)!r}; run `mlebench prepare --lite`")
+    return comps
+
+
 def suite_competitions(cfg: Mapping[str, Any], suite: str) -> list[Any]:
     """The competitions of `suite` as the run saw them (`load_competitions`: env.kind, env.data_dir,
-    train.competitions and eval.competitions cuts); `all` is training then held-out, each once."""
+    train.competitions and eval.competitions cuts); `all` is training then held-out, each once;
+    `lite` is MLE-bench-Lite (`lite_competitions`, no cuts)."""
     from ace.train.experiment import load_competitions
 
+    if suite == "lite":
+        return lite_competitions(cfg)
     train, held_out = load_competitions(cfg)
     if suite == "train":
         return train
@@ -210,10 +259,11 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
       overrides: the command line's Hydra overrides. When given, the RUN_SETTINGS that they do not
         name come from the run directory's config.json (see `with_run_settings`); None uses `cfg` as is.
     Returns:
-      {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str, "cfg": dict}.
+      {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str (the printed
+      table), "reports": {seed: path of its grading report}, "out_dir": Path, "cfg": dict}.
     """
     from ace.env.sandbox import make_sandbox
-    from ace.eval import format_table
+    from ace.eval import format_lite_table, format_table
     from ace.train.experiment import evaluate_policy
 
     run_dir, _, _ = locate_checkpoint(cfg["checkpoint"], cfg.get("step"))
@@ -237,13 +287,54 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
     policy = load_policy(cfg["checkpoint"], step=cfg.get("step"))
     print(f"[eval] step {policy.step} of {policy.run_dir}: {len(comps)} {suite} competitions x {len(seeds)} "
           f"seeds {seeds}", flush=True)
+    out_dir = policy.run_dir / "eval" / f"{suite}-step{policy.step}"
+    submissions_dir = out_dir / "submissions"
     with make_sandbox(cfg["env"]["sandbox"]) as sandbox:
         result = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, comps, sandbox, seeds=seeds,
-                                 cfg=cfg, prompt_cfg=policy.prompt_cfg)
-    table = format_table(result.metrics)
-    print(f"\n{suite} evaluation (mean ± SE over {'seeds' if len(seeds) > 1 else 'episodes'}):")
+                                 cfg=cfg, prompt_cfg=policy.prompt_cfg, submissions_dir=submissions_dir)
+    full, lite = format_table(result.metrics), format_lite_table(result.metrics)
+    table = lite if suite == "lite" else full
+    reports = write_reports(out_dir, comps, result.episodes, submissions_dir, result.metrics,
+                            tables={"table.txt": full, "lite_table.txt": lite})
+    what = "MLE-bench-Lite" if suite == "lite" else suite
+    print(f"\n{what} evaluation, {len(comps)} competitions (mean ± SE over "
+          f"{'seeds' if len(seeds) > 1 else 'episodes'}):")
     print(table, flush=True)
-    return {"metrics": result.metrics, "episodes": result.episodes, "step": policy.step, "table": table, "cfg": cfg}
+    print(f"[eval] grading reports: {', '.join(str(p) for p in reports.values())}", flush=True)
+    return {"metrics": result.metrics, "episodes": result.episodes, "step": policy.step, "table": table,
+            "reports": reports, "out_dir": out_dir, "cfg": cfg}
+
+
+def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Sequence[Any]], submissions_dir: Path,
+                  metrics: Mapping[str, Any], *, tables: Mapping[str, str]) -> dict[int, Path]:
+    """MLE-bench's grading report per seed, `metrics.json` and the tables, under `out_dir`.
+
+    Args:
+      comps: the competitions, in the order of each seed's episodes.
+      episodes: {seed: [Episode]} (`EvalResult.episodes`).
+      submissions_dir: where `evaluate_policy` saved the best submissions (seed-<seed>/<comp_id>.csv).
+      metrics: {name: MeanSE}; written as {name: {mean, se, n}} with null for nan.
+      tables: {file name: text} written beside metrics.json.
+    Returns:
+      {seed: path of `<out_dir>/seed-<seed>/<timestamp>_grading_report.json`}.
+    """
+    from ace.env.reports import aggregate_reports, competition_report, write_grading_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for seed, eps in episodes.items():
+        if [ep.comp_id for ep in eps] != [c.comp_id for c in comps]:
+            raise ValueError(f"seed {seed}: episodes are for {[ep.comp_id for ep in eps]}, expected the "
+                             f"competitions {[c.comp_id for c in comps]} in that order")
+        reports = [competition_report(comp, ep.final_grade, submissions_dir / f"seed-{seed}" / f"{comp.comp_id}.csv")
+                   for comp, ep in zip(comps, eps)]
+        paths[int(seed)] = write_grading_report(aggregate_reports(reports), out_dir / f"seed-{seed}")
+    finite = lambda x: float(x) if math.isfinite(x) else None  # noqa: E731
+    (out_dir / "metrics.json").write_text(json.dumps(
+        {k: {"mean": finite(v.mean), "se": finite(v.se), "n": int(v.n)} for k, v in metrics.items()}, indent=2))
+    for name, text in tables.items():
+        (out_dir / name).write_text(text + "\n")
+    return paths
 
 
 @hydra.main(version_base="1.3", config_path="../hydra_configs", config_name="eval_cli")

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from ace.env.task import GradeResult
-from ace.eval import (METRICS, EpisodeSummary, MeanSE, evaluate, evaluate_episodes, format_table,
-                      mean_se, summarize_episode)
+from ace.eval import (LITE_ROWS, METRICS, EpisodeSummary, MeanSE, evaluate, evaluate_episodes,
+                      format_lite_table, format_table, mean_se, summarize_episode)
 
 
 def _random_summaries(rng, n, seeds):
@@ -93,3 +93,15 @@ def test_format_table_lists_every_metric_for_every_run():
     for name in METRICS:
         assert any(line.startswith(name) and "0.250 ± 0.125 (n=4)" in line for line in lines), name
     assert format_table(a).splitlines()[0].split() == ["metric", "result"]
+
+
+def test_lite_table_shows_the_paper_rows_in_order():
+    a = {**evaluate(_random_summaries(np.random.default_rng(1), 10, seeds=[0, 1])), "mean_reward": MeanSE(1, 0, 2)}
+    lines = format_lite_table(a).splitlines()
+    assert [ln.split()[0] for ln in lines[2:]] == list(LITE_ROWS) == [
+        "valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid"]
+    full = {ln.split()[0]: ln for ln in format_table(a).splitlines()[2:]}
+    assert lines[2:] == [full[name] for name in LITE_ROWS]   # the same cells as the full table
+    assert "mean_reward" not in format_lite_table(a) and " ± " in lines[2]
+    with pytest.raises(ValueError, match="rows="):
+        format_table(a, rows=[])

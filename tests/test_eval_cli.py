@@ -103,6 +103,27 @@ def test_eval_is_deterministic_in_the_seeds_and_metrics_match_the_episodes(run_d
     out = capsys.readouterr().out
     for name in METRICS + ("mean_reward",):
         assert name in out
+    # MLE-bench's grading report per seed, one competition report per episode, counts that match.
+    assert sorted(first["reports"]) == [0, 1] and first["out_dir"] == root / "eval" / "held_out-step3"
+    for seed, eps in first["episodes"].items():
+        path = first["reports"][seed]
+        assert path.parent == first["out_dir"] / f"seed-{seed}" and path.name.endswith("_grading_report.json")
+        report = json.loads(path.read_text())
+        assert list(report) == ["total_runs", "total_runs_with_submissions", "total_valid_submissions",
+                                "total_medals", "total_gold_medals", "total_silver_medals", "total_bronze_medals",
+                                "total_above_median", "competition_reports"]
+        valid = [ep.final_grade is not None and bool(ep.final_grade.valid) for ep in eps]
+        assert report["total_runs"] == len(eps) and report["total_valid_submissions"] == sum(valid)
+        assert report["total_runs_with_submissions"] >= sum(valid)
+        for comp_report, ep, ok in zip(report["competition_reports"], eps, valid):
+            assert comp_report["competition_id"] == ep.comp_id and comp_report["valid_submission"] == ok
+            assert len(comp_report) == 16 and comp_report["gold_threshold"] is not None
+            assert comp_report["submission_path"].endswith(f"submissions/seed-{seed}/{ep.comp_id}.csv")
+    metrics = json.loads((first["out_dir"] / "metrics.json").read_text())
+    assert metrics["valid_rate"]["mean"] == pytest.approx(first["metrics"]["valid_rate"].mean)
+    assert metrics["valid_rate"]["n"] == 2
+    lite_rows = [ln.split()[0] for ln in (first["out_dir"] / "lite_table.txt").read_text().splitlines()[2:]]
+    assert lite_rows == ["valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid"]
 
 
 def test_eval_cli_subprocess_prints_the_metrics_table(run_dir):
@@ -126,3 +147,33 @@ def test_eval_cli_rejects_a_missing_checkpoint_and_a_bad_suite(tmp_path, run_dir
     module, cfg = _compose([f"checkpoint={run_dir[0]}", "suite=validation"])
     with pytest.raises(ValueError, match="suite='validation', expected one of"):
         module.evaluate_checkpoint(cfg)
+
+
+def test_lite_suite_needs_mlebench_and_lists_the_unprepared_competitions(tmp_path, run_dir, capsys):
+    module, cfg = _compose([f"checkpoint={run_dir[0]}", "suite=lite"])
+    with pytest.raises(ValueError, match="suite=lite .* needs env.kind=mlebench.*env=mlebench env.data_dir="):
+        module.evaluate_checkpoint(cfg)
+    module, cfg = _compose([f"checkpoint={run_dir[0]}", "suite=lite", "env=mlebench"])
+    with pytest.raises(ValueError, match="suite=lite needs env.data_dir"):
+        module.evaluate_checkpoint(cfg)
+    from ace.env.mlebench import MLEBENCH_LITE
+    from tests.support.mlebench_data import THREE_LITE, write_mlebench_folder
+
+    data = write_mlebench_folder(tmp_path / "mlebench", n=12)
+    module, cfg = _compose([f"checkpoint={run_dir[0]}", "suite=lite", "env=mlebench", f"env.data_dir={data}",
+                            "env.sandbox=subprocess", "env.exec_timeout_s=30", "seeds=[0]", *FAST,
+                            "rollout.max_prompt_tokens=2000"])
+    capsys.readouterr()
+    result = module.evaluate_checkpoint(cfg)
+    out = capsys.readouterr().out
+    assert f"{len(MLEBENCH_LITE) - 3} of {len(MLEBENCH_LITE)} competitions are not prepared" in out
+    assert "aerial-cactus-identification" in out and "spooky-author-identification" not in out.split("\n")[0]
+    # All three prepared Lite competitions are evaluated (no eval.competitions cut), with the Lite table.
+    assert sorted(ep.comp_id for ep in result["episodes"][0]) == sorted(THREE_LITE)
+    assert [ln.split()[0] for ln in result["table"].splitlines()[2:]] == [
+        "valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid"]
+    assert "MLE-bench-Lite evaluation, 3 competitions" in out and "mean_reward" not in result["table"]
+    report = json.loads(result["reports"][0].read_text())
+    assert result["reports"][0].parent == run_dir[0] / "eval" / "lite-step3" / "seed-0"
+    assert report["total_runs"] == 3 and sorted(r["competition_id"] for r in report["competition_reports"]) == \
+        sorted(THREE_LITE)

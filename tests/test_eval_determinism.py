@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
 from ace.env.agent import AgentState, build_messages
@@ -135,13 +136,14 @@ def policy():
     return init_params(model_config, jax.random.key(0)), model_config, tokenizer, comps
 
 
-def _evaluate(policy, *, perturb: bool):
+def _evaluate(policy, *, perturb: bool, submissions_dir=None):
     params, model_config, tokenizer, comps = policy
     # A fresh sampler and sandbox each time, as two processes would have.
     engine = ActionsFromSamples(make_engine(params, model_config, CFG, max_batch=len(comps) * len(SEEDS)), tokenizer)
     with SubprocessSandbox() as real:
         sandbox = ObservedSandbox(real, perturb=perturb)
-        result = evaluate_policy(params, model_config, tokenizer, comps, sandbox, seeds=SEEDS, cfg=CFG, engine=engine)
+        result = evaluate_policy(params, model_config, tokenizer, comps, sandbox, seeds=SEEDS, cfg=CFG, engine=engine,
+                                 submissions_dir=submissions_dir)
     return result, engine, sandbox
 
 
@@ -150,8 +152,12 @@ def _transcripts(result):
             for seed in SEEDS for ep in result.episodes[seed]]
 
 
-def test_two_evaluations_with_the_same_seeds_give_the_same_transcripts_and_metrics(policy):
-    first, engine1, sandbox1 = _evaluate(policy, perturb=False)
+def test_two_evaluations_with_the_same_seeds_give_the_same_transcripts_and_metrics(policy, tmp_path):
+    stale = [tmp_path / "subs" / f"seed-{seed}" / f"{c.comp_id}.csv" for seed in SEEDS for c in policy[3]]
+    for path in stale:  # files of an earlier evaluation: replaced, or removed where no episode made one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("stale\n")
+    first, engine1, sandbox1 = _evaluate(policy, perturb=False, submissions_dir=tmp_path / "subs")
     second, engine2, sandbox2 = _evaluate(policy, perturb=True)
     episodes = [ep for seed in SEEDS for ep in first.episodes[seed]]
     assert len(episodes) == 4 and all(len(ep.steps) == CFG["env"]["max_steps"] for ep in episodes)
@@ -171,3 +177,20 @@ def test_two_evaluations_with_the_same_seeds_give_the_same_transcripts_and_metri
     prompts = [engine1.tokenizer.decode(s.prompt_ids) for ep in episodes for s in ep.steps]
     assert any('File "./script.py"' in p for p in prompts)
     assert any("no submission file at ./submission/submission.csv" in p for p in prompts)
+    # The best submission of each episode was saved before the envs closed; MLE-bench reports take them.
+    from ace.env.reports import competition_report
+
+    comps = {c.comp_id: c for c in policy[3]}
+    assert second.submission_paths == {} and len(first.submission_paths) == 4
+    for seed in SEEDS:
+        for ep in first.episodes[seed]:
+            path = first.submission_paths[(seed, ep.comp_id)]
+            valid = ep.final_grade is not None and ep.final_grade.valid
+            assert (path == tmp_path / "subs" / f"seed-{seed}" / f"{ep.comp_id}.csv") if valid else path is None
+            if valid:
+                pd.testing.assert_frame_equal(pd.read_csv(path),
+                                              pd.read_csv(comps[ep.comp_id].public_dir / "sample_submission.csv"))
+                report = competition_report(comps[ep.comp_id], ep.final_grade, path)
+                assert report["valid_submission"] and report["score"] == ep.final_grade.score
+    assert any(p is not None for p in first.submission_paths.values())
+    assert [p.is_file() for p in stale] == [p is not None for p in first.submission_paths.values()]

@@ -14,7 +14,7 @@ _EXPORTS = {
     "INVALID_REASONS": "ace.env.task",
     "TASK_TYPES": "ace.env.task",
     # ace.env.grading
-    "METRICS": "ace.env.grading",
+    "METRICS": "ace.env.metrics",
     "MedalThresholds": "ace.env.grading",
     "grade_submission": "ace.env.grading",
     "human_rank": "ace.env.grading",

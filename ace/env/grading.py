@@ -1,147 +1,43 @@
-"""Grading: validity checks, metrics, medal thresholds (MLE-bench rules) and HumanRank.
+"""Grading: validity checks, scoring, medal thresholds (MLE-bench rules) and HumanRank.
 
 `grade_submission` never raises on a bad submission: every defect becomes an invalid
-`GradeResult` whose `reason` names the first check that failed, in this order:
-missing_file, unreadable, wrong_columns, wrong_rows, duplicate_ids, bad_ids (unknown or empty
-ids), nan_values, then per target column wrong_dtype and out_of_range. A broken competition (missing answers file) does raise, since that
-is the harness's fault, not the agent's.
+`GradeResult` whose `reason` names the rule that failed and whose `detail` names the offending
+columns, rows (by id) or values. The checks run in this order:
+  missing_file, unreadable, wrong_columns (missing, or extra where the rules forbid them),
+  wrong_rows (length), bad_ids (empty, unknown or missing ids), duplicate_ids, nan_values,
+  then per target column wrong_dtype and out_of_range, then not_normalized (rows that must sum
+  to one), and metric_error (the metric itself refused the values, e.g. a log of a value <= -1).
+A broken competition (missing answers file or columns) raises, since that is the harness's
+fault, not the agent's.
 
-Submissions and answers share one layout: `id_column` plus `target_columns`. A metric sees
-the rows aligned by id, as arrays `y_true [N, K]` and `y_pred [N, K]` (K = len(target_columns)).
+Submissions and answers share the id column and the target columns; `Competition.rules`
+(`ace.env.task.SubmissionRules`) says how rows are paired (by id or by position), whether extra
+columns are allowed, which labels are accepted, whether rows must sum to one and which answer
+rows are scored. A metric (`ace.env.metrics`) sees the paired rows as `y_true [N, K]` and
+`y_pred [N, K]` (K = len(target_columns)).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from ace.env.metrics import Metric, get_metric
 from ace.env.task import Competition, GradeResult
 
-# Probabilities are clipped away from 0 and 1 before taking logs, as Kaggle's log loss does.
-_LOG_LOSS_EPS = 1e-15
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of rows whose labels all match. y_true, y_pred: [N, K] labels (any dtype)."""
-    return float(np.mean(np.all(y_true == y_pred, axis=1)))
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN). y_*: [N, 1] labels.
-
-    The classes are the union of the labels seen in y_true and y_pred (sklearn's convention).
-    """
-    t, p = y_true[:, 0], y_pred[:, 0]
-    f1s = []
-    for c in np.unique(np.concatenate([t, p])):
-        tp = np.sum((t == c) & (p == c))
-        fp = np.sum((t != c) & (p == c))
-        fn = np.sum((t == c) & (p != c))
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x [N], ties sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Each run of equal values gets the mean of positions start+1 .. end.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    run_ranks = (starts + 1 + ends) / 2.0
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(run_ranks, ends - starts)
-    return ranks
-
-
-def roc_auc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Area under the ROC curve, averaged over columns. y_true [N, K] in {0, 1}; y_pred [N, K].
-
-    Computed as the Mann-Whitney U statistic with average ranks for ties.
-    """
-    aucs = []
-    for k in range(y_true.shape[1]):
-        t = y_true[:, k].astype(np.float64)
-        ranks = _average_ranks(y_pred[:, k].astype(np.float64))
-        n_pos = float(np.sum(t == 1))
-        n_neg = float(len(t) - n_pos)
-        if n_pos == 0 or n_neg == 0:
-            raise ValueError(f"roc_auc needs both classes in column {k} of the answers")
-        aucs.append((np.sum(ranks[t == 1]) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(aucs))
-
-
-def log_loss(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean negative log-likelihood.
-
-    K == 1: binary; y_true [N, 1] in {0, 1}, y_pred [N, 1] = P(class 1).
-    K > 1: y_true [N, K] one-hot, y_pred [N, K] class probabilities, each row floored at eps
-    and renormalised to sum to one (Kaggle's multi-class log loss).
-    """
-    t = y_true.astype(np.float64)
-    if y_pred.shape[1] == 1:
-        p = np.clip(y_pred.astype(np.float64), _LOG_LOSS_EPS, 1 - _LOG_LOSS_EPS)
-        return float(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
-    # Floor before renormalising so that an all-zero row becomes uniform instead of NaN.
-    p = np.maximum(y_pred.astype(np.float64), _LOG_LOSS_EPS)
-    p = p / p.sum(axis=1, keepdims=True)
-    return float(-np.mean(np.sum(t * np.log(p), axis=1)))
-
-
-def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Root mean squared error over all N*K entries. y_*: [N, K] float."""
-    return float(np.sqrt(np.mean((y_true.astype(float) - y_pred.astype(float)) ** 2)))
-
-
-def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean absolute error over all N*K entries. y_*: [N, K] float."""
-    return float(np.mean(np.abs(y_true.astype(float) - y_pred.astype(float))))
-
-
-def mcrmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean column-wise RMSE: the mean over the K columns of each column's RMSE. y_*: [N, K]."""
-    err = (y_true.astype(float) - y_pred.astype(float)) ** 2
-    return float(np.mean(np.sqrt(np.mean(err, axis=0))))
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A registered metric.
-
-    kind decides the validity checks on submitted values:
-      "label": class labels, each must be a known label of the competition;
-      "probability": numbers in [0, 1];
-      "value": finite real numbers.
-    """
-
-    name: str
-    fn: Callable[[np.ndarray, np.ndarray], float]
-    higher_is_better: bool
-    kind: str
-
-
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("accuracy", accuracy, True, "label"),
-        Metric("macro_f1", macro_f1, True, "label"),
-        Metric("roc_auc", roc_auc, True, "probability"),
-        Metric("log_loss", log_loss, False, "probability"),
-        Metric("rmse", rmse, False, "value"),
-        Metric("mae", mae, False, "value"),
-        Metric("mcrmse", mcrmse, False, "value"),
-    )
-}
-
-
-def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise KeyError(f"unknown metric {name!r}, expected one of {sorted(METRICS)}")
-    return METRICS[name]
+# MLE-bench's graders test rows of probabilities with np.isclose(row_sum, 1, atol=1e-6)
+# (and np.isclose's default rtol=1e-5).
+SUM_TO_ONE_ATOL = 1e-6
+# Cells that mean "no value" in a submission read as text.
+_EMPTY = ("", "nan", "NaN", "NA", "null", "None")
+# pandas.read_csv's default NA strings: MLE-bench reads answers and submissions with them, so a
+# free-text label written as one of these compares as the text "nan" on both sides.
+PANDAS_NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                               "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 class MedalThresholds(NamedTuple):
@@ -262,12 +158,19 @@ def _canonical_ids(col: pd.Series) -> pd.Series:
     return col.astype(str)
 
 
+def _examples(values, n: int = 3) -> str:
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
+    shown = ", ".join(repr(v if not isinstance(v, str) or len(v) <= 40 else v[:37] + "...") for v in values[:n])
+    return f"{shown}{', ...' if len(values) > n else ''}"
+
+
 def _read_answers(comp: Competition) -> pd.DataFrame:
     path = comp.answers_path
     if not path.is_file():
         raise FileNotFoundError(f"{comp.comp_id}: answers file {path} is missing")
     answers = pd.read_csv(path)
-    missing = [c for c in (comp.id_column, *comp.target_columns) if c not in answers.columns]
+    needed = list(comp.target_columns) + ([comp.id_column] if comp.rules.pairing != "position" else [])
+    missing = [c for c in needed if c not in answers.columns]
     if missing:
         raise ValueError(f"{comp.comp_id}: answers file {path} lacks columns {missing}")
     return answers
@@ -275,53 +178,129 @@ def _read_answers(comp: Competition) -> pd.DataFrame:
 
 def _known_labels(comp: Competition, answers: pd.DataFrame, col: str) -> set[str]:
     """Labels allowed in `col`: those in the answers and, if present, in the public train.csv."""
-    labels = set(answers[col].astype(str))
+    labels = set(_label_text(answers[col]))
     train = comp.public_dir / "train.csv"
     if train.is_file():
         head = pd.read_csv(train, nrows=0)
         if col in head.columns:
-            labels |= set(pd.read_csv(train, usecols=[col])[col].dropna().astype(str))
+            labels |= set(_label_text(pd.read_csv(train, usecols=[col])[col].dropna()))
     return labels
 
 
-def _label_values(sub: pd.Series, truth: pd.Series, col: str, known: set[str]) -> np.ndarray:
-    truth_numeric = pd.api.types.is_numeric_dtype(truth)
-    if truth_numeric:
-        values = pd.to_numeric(sub, errors="coerce")
-        if values.isna().any():
-            bad = sub[values.isna()].iloc[0]
-            raise _Invalid("wrong_dtype", f"column {col!r} holds {bad!r}; expected numeric labels")
-        if pd.api.types.is_integer_dtype(truth) and np.any(np.mod(values.to_numpy(float), 1) != 0):
-            bad = values[np.mod(values.to_numpy(float), 1) != 0].iloc[0]
-            raise _Invalid("wrong_dtype", f"column {col!r} holds {bad!r}; expected integer labels")
-        as_text = (values.astype(np.int64) if pd.api.types.is_integer_dtype(truth) else values).astype(str)
+def _label_text(values: pd.Series) -> pd.Series:
+    """Labels as text; integral numbers without a decimal point ("3", not "3.0")."""
+    if pd.api.types.is_numeric_dtype(values):
+        arr = values.to_numpy(np.float64)
+        if np.all(np.mod(arr, 1) == 0):
+            return pd.Series(arr.astype(np.int64), index=values.index).astype(str)
+    return values.astype(str)
+
+
+def _label_values(sub: pd.Series, truth: pd.Series, col: str, ids: pd.Series, comp: Competition,
+                  answers: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true, y_pred) of one label column: numbers when the answers are numeric, else text."""
+    if not pd.api.types.is_numeric_dtype(truth):
+        # Missing answers compare as "nan" (what astype(str) gave before pandas' string dtype).
+        pred, true = sub.where(~sub.isin(PANDAS_NA_STRINGS), "nan"), truth.astype(object).fillna("nan").astype(str)
     else:
-        as_text = sub.astype(str)
-    unknown = sorted(set(as_text) - known)
-    if unknown:
-        raise _Invalid(
-            "out_of_range",
-            f"column {col!r} holds unknown labels {unknown[:5]}; expected one of {sorted(known)[:20]}",
-        )
-    return as_text.to_numpy(dtype=object)
+        values = pd.to_numeric(sub, errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            raise _Invalid("wrong_dtype", f"column {col!r} holds non-numeric labels in {int(bad.sum())} rows, "
+                           f"e.g. id {_examples(ids[bad])} = {_examples(sub[bad])}; expected numbers")
+        integral = pd.api.types.is_integer_dtype(truth)
+        fractional = np.mod(values.to_numpy(np.float64), 1) != 0
+        if comp.rules.labels == "known" and integral and fractional.any():
+            raise _Invalid("wrong_dtype", f"column {col!r} holds non-integer labels in {int(fractional.sum())} "
+                           f"rows, e.g. id {_examples(ids[fractional])} = {_examples(sub[fractional])}; "
+                           "expected integer labels")
+        pred, true = values, truth.astype(np.float64)
+    if comp.rules.labels == "known":
+        known = _known_labels(comp, answers, col)
+        text = _label_text(pred)
+        unknown = ~text.isin(known)
+        if unknown.any():
+            raise _Invalid("out_of_range", f"column {col!r} holds unknown labels in {int(unknown.sum())} rows, "
+                           f"e.g. id {_examples(ids[unknown])} = {_examples(sub[unknown])}; expected one of "
+                           f"{_examples(sorted(known), 20)}")
+    return true.to_numpy(), pred.to_numpy()
 
 
-def _numeric_values(sub: pd.Series, col: str, kind: str) -> np.ndarray:
+def _numeric_values(sub: pd.Series, col: str, kind: str, ids: pd.Series) -> np.ndarray:
     values = pd.to_numeric(sub, errors="coerce")
-    if values.isna().any():
-        bad = sub[values.isna()].iloc[0]
-        raise _Invalid("wrong_dtype", f"column {col!r} holds {bad!r}; expected a number")
+    bad = values.isna()
+    if bad.any():
+        raise _Invalid("wrong_dtype", f"column {col!r} holds non-numbers in {int(bad.sum())} rows, e.g. id "
+                       f"{_examples(ids[bad])} = {_examples(sub[bad])}; expected numbers")
     arr = values.to_numpy(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise _Invalid("out_of_range", f"column {col!r} holds infinite values")
-    if kind == "probability" and (arr.min() < 0 or arr.max() > 1):
-        bad = arr[(arr < 0) | (arr > 1)][0]
-        raise _Invalid("out_of_range", f"column {col!r} holds {bad!r}; expected a probability in [0, 1]")
+    infinite = ~np.isfinite(arr)
+    if infinite.any():
+        raise _Invalid("out_of_range", f"column {col!r} holds infinite values in {int(infinite.sum())} rows, "
+                       f"e.g. id {_examples(ids[infinite])}; expected finite numbers")
+    if kind == "probability":
+        outside = (arr < 0) | (arr > 1)
+        if outside.any():
+            raise _Invalid("out_of_range", f"column {col!r} holds values outside [0, 1] in {int(outside.sum())} "
+                           f"rows, e.g. id {_examples(ids[outside])} = {_examples(arr[outside])}; expected "
+                           "probabilities")
     return arr
 
 
-def _check_and_align(comp: Competition, path: Path, answers: pd.DataFrame, metric: Metric):
-    """Validity checks; returns (y_true [N, K], y_pred [N, K]) aligned by id, or raises _Invalid."""
+def _check_columns(comp: Competition, columns: list[str]) -> None:
+    rules = comp.rules
+    expected = [comp.id_column, *comp.target_columns]
+    required = list(comp.target_columns) + ([comp.id_column] if rules.pairing != "position" else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise _Invalid("wrong_columns", f"missing columns {missing}; found {columns[:20]}, expected {expected}")
+    if len(set(columns)) != len(columns):
+        raise _Invalid("wrong_columns", f"repeated column names in {columns[:20]}; expected {expected}")
+    extra = [c for c in columns if c not in expected]
+    if extra and not rules.extra_columns:
+        raise _Invalid("wrong_columns", f"unexpected columns {extra[:10]}; expected exactly {expected}")
+
+
+def _pair_rows(comp: Competition, sub: pd.DataFrame, answers: pd.DataFrame,
+               empty: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """(submission rows, their empty-cell mask, their ids) in the answers' row order."""
+    if comp.rules.pairing == "position":
+        return sub.reset_index(drop=True), empty.reset_index(drop=True), pd.Series(
+            [f"row {i + 1}" for i in range(len(sub))])
+    id_col = comp.id_column
+    if comp.rules.pairing == "sorted":
+        # Both sides sorted by id and paired in order; the ids themselves are not compared.
+        order = np.argsort(_canonical_ids(sub[id_col]).to_numpy(), kind="stable")
+        true_order = np.argsort(_canonical_ids(answers[id_col]).to_numpy(), kind="stable")
+        placed = np.empty(len(sub), dtype=np.int64)
+        placed[true_order] = order
+        return (sub.iloc[placed].reset_index(drop=True), empty.iloc[placed].reset_index(drop=True),
+                _canonical_ids(sub[id_col]).iloc[placed].reset_index(drop=True))
+    if empty[id_col].any():
+        rows = np.flatnonzero(empty[id_col].to_numpy()) + 1
+        raise _Invalid("bad_ids", f"column {id_col!r} is empty in {len(rows)} rows, e.g. data rows {list(rows[:3])}")
+    # An id may repeat in the answers (e.g. a comment text used as the id): the k-th copy in the
+    # submission pairs with the k-th copy in the answers, so the ids must agree as a multiset.
+    ids, true_ids = _canonical_ids(sub[id_col]), _canonical_ids(answers[id_col])
+    sub_keys = pd.MultiIndex.from_arrays([ids, ids.groupby(ids).cumcount()])
+    true_keys = pd.MultiIndex.from_arrays([true_ids, true_ids.groupby(true_ids).cumcount()])
+    unknown = sorted(set(ids) - set(true_ids))
+    if unknown:
+        raise _Invalid("bad_ids", f"{len(unknown)} ids are not in the test set, e.g. {_examples(unknown)}")
+    counts, true_counts = ids.value_counts(), true_ids.value_counts()
+    repeated = counts[counts > true_counts.reindex(counts.index).fillna(0)]
+    if len(repeated):
+        raise _Invalid("duplicate_ids", f"{len(repeated)} ids appear more often than in the test set, e.g. "
+                       f"{_examples(repeated.index)} ({_examples(repeated.to_numpy())} times)")
+    missing = sorted(set(true_ids) - set(ids))
+    if missing:
+        raise _Invalid("bad_ids", f"{len(missing)} test ids are missing, e.g. {_examples(missing)}")
+    order = pd.Series(np.arange(len(sub)), index=sub_keys).reindex(true_keys).to_numpy()
+    return (sub.iloc[order].reset_index(drop=True), empty.iloc[order].reset_index(drop=True),
+            true_ids.reset_index(drop=True))
+
+
+def _check_and_pair(comp: Competition, path: Path, answers: pd.DataFrame, metric: Metric):
+    """Validity checks; returns (y_true [N, K], y_pred [N, K]) of the scored rows, or raises _Invalid."""
     if not path.is_file():
         raise _Invalid("missing_file", f"no submission file at {path}")
     try:
@@ -329,37 +308,45 @@ def _check_and_align(comp: Competition, path: Path, answers: pd.DataFrame, metri
         sub = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the submission's fault
         raise _Invalid("unreadable", f"cannot parse {path.name} as CSV: {type(exc).__name__}: {exc}")
-    expected = [comp.id_column, *comp.target_columns]
-    if list(sub.columns) != expected and sorted(map(str, sub.columns)) != sorted(expected):
-        raise _Invalid("wrong_columns", f"columns {list(sub.columns)[:20]}; expected {expected}")
+    _check_columns(comp, [str(c) for c in sub.columns])
     if len(sub) != len(answers):
-        raise _Invalid("wrong_rows", f"{len(sub)} rows; expected {len(answers)}")
-    empty = sub.apply(lambda c: c.str.strip().isin(["", "nan", "NaN", "NA", "null", "None"]))
-    if empty[comp.id_column].any():
-        raise _Invalid("bad_ids", f"column {comp.id_column!r} has empty ids")
-    ids = _canonical_ids(sub[comp.id_column])
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise _Invalid("duplicate_ids", f"{len(dup)} duplicate ids, e.g. {dup.iloc[0]!r}")
-    true_ids = _canonical_ids(answers[comp.id_column])
-    unknown = sorted(set(ids) - set(true_ids))
-    if unknown:
-        raise _Invalid("bad_ids", f"{len(unknown)} ids not in the test set, e.g. {unknown[:3]}")
-    sub = sub.assign(**{comp.id_column: ids.to_numpy()}).set_index(comp.id_column)
-    sub = sub.loc[true_ids.to_numpy()]
-    nan_cols = [c for c in comp.target_columns if empty.loc[:, c].any()]
-    if nan_cols:
-        raise _Invalid("nan_values", f"missing or NaN values in columns {nan_cols}")
+        raise _Invalid("wrong_rows", f"{len(sub)} rows; expected {len(answers)} (one per test row)")
+    empty = sub.apply(lambda c: c.str.strip().isin(_EMPTY))
+    sub, empty, ids = _pair_rows(comp, sub, answers, empty)
+    answers = answers.reset_index(drop=True)
+    if comp.rules.columns_by_position:
+        # The non-id columns, in the file's order, stand for target_columns in theirs.
+        others = [c for c in sub.columns if c != comp.id_column]
+        sub = sub.rename(columns=dict(zip(others, comp.target_columns)))
+        empty = empty.rename(columns=dict(zip(others, comp.target_columns)))
+    free_text = {c for c in comp.target_columns if metric.kind == "label" and comp.rules.labels == "any"
+                 and not pd.api.types.is_numeric_dtype(answers[c])}
+    holes = {c: ids[empty[c]] for c in comp.target_columns if c not in free_text and empty[c].any()}
+    if holes:
+        col, where = next(iter(holes.items()))
+        raise _Invalid("nan_values", f"missing or NaN values in columns {list(holes)}: {len(where)} rows of "
+                       f"{col!r}, e.g. id {_examples(where)}")
     preds, truths = [], []
     for col in comp.target_columns:
         if metric.kind == "label":
-            known = _known_labels(comp, answers, col)
-            preds.append(_label_values(sub[col], answers[col], col, known))
-            truths.append(_label_values(answers[col], answers[col], col, known))
+            true, pred = _label_values(sub[col], answers[col], col, ids, comp, answers)
         else:
-            preds.append(_numeric_values(sub[col], col, metric.kind))
-            truths.append(answers[col].to_numpy(np.float64))
-    return np.stack(truths, axis=1), np.stack(preds, axis=1)
+            true, pred = answers[col].to_numpy(np.float64), _numeric_values(sub[col], col, metric.kind, ids)
+        truths.append(true)
+        preds.append(pred)
+    y_true, y_pred = np.stack(truths, axis=1), np.stack(preds, axis=1)
+    if comp.rules.sum_to_one:
+        sums = y_pred.astype(np.float64).sum(axis=1)
+        off = ~np.isclose(sums, 1.0, atol=SUM_TO_ONE_ATOL)
+        if off.any():
+            raise _Invalid("not_normalized", f"{int(off.sum())} rows of {list(comp.target_columns)[:5]} do not "
+                           f"sum to 1 (within {SUM_TO_ONE_ATOL:g}), e.g. id {_examples(ids[off])} with sums "
+                           f"{_examples(np.round(sums[off], 8))}")
+    if comp.rules.scored_rows == "nonnegative_answers":
+        # Answer rows marked -1 are "not scored" (jigsaw-toxic-comment-classification-challenge).
+        keep = y_true.astype(np.float64).sum(axis=1) >= 0
+        y_true, y_pred = y_true[keep], y_pred[keep]
+    return y_true, y_pred
 
 
 def score_submission(comp: Competition, submission_path: Path) -> tuple[float | None, GradeResult | None]:
@@ -367,13 +354,20 @@ def score_submission(comp: Competition, submission_path: Path) -> tuple[float | 
     metric = get_metric(comp.metric)
     answers = _read_answers(comp)
     try:
-        y_true, y_pred = _check_and_align(comp, Path(submission_path), answers, metric)
+        y_true, y_pred = _check_and_pair(comp, Path(submission_path), answers, metric)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                score = metric.fn(y_true, y_pred)
+            except (ValueError, TypeError) as exc:
+                raise _Invalid("metric_error", f"{comp.metric} cannot score these values: {exc}") from None
+        if not math.isfinite(score):
+            raise _Invalid("metric_error", f"{comp.metric} evaluated to {score}")
     except _Invalid as bad:
         return None, GradeResult.invalid(bad.reason, bad.detail)
-    score = metric.fn(y_true, y_pred)
-    if not math.isfinite(score):
-        return None, GradeResult.invalid("out_of_range", f"{comp.metric} evaluated to {score}")
-    return score, None
+    if comp.rules.round_digits is not None:
+        score = round(score, comp.rules.round_digits)
+    return float(score), None
 
 
 def grade_submission(comp: Competition, submission_path: Path) -> GradeResult:

@@ -279,10 +279,11 @@ class MLEEnv:
             text = self.summary
             return text if topic == "data" else text.split("\n\n")[0]
         if topic == "sample_submission":
-            path = public / comp.sample_submission_file
-            with open(path) as fh:
-                head = [next(fh, "") for _ in range(6)]
-            return f"{comp.sample_submission_file} (first lines):\n" + "".join(head)
+            # pandas reads a zipped sample (MLE-bench's text-normalization ships only zips).
+            import pandas as pd
+
+            head = pd.read_csv(public / comp.sample_submission_file, nrows=5, dtype=str, keep_default_na=False)
+            return f"{comp.sample_submission_file} (first lines):\n" + head.to_csv(index=False)
         # metric
         board = sorted(float(s) for s in comp.leaderboard)
         direction = "higher is better" if comp.higher_is_better else "lower is better"
@@ -292,6 +293,20 @@ class MLEEnv:
         median = board[len(board) // 2]
         return (f"Metric: {comp.metric} ({direction}). Leaderboard of {len(board)} teams: "
                 f"best {best:.6g}, median {median:.6g}.")
+
+    def save_best_submission(self, dest: Path | str) -> bool:
+        """Copies this episode's best submission file (the one `submit` hands in) to `dest`.
+
+        Creates `dest`'s parent folders. Returns False, and writes nothing, when the episode has
+        no valid submission on disk yet.
+        """
+        best = self._scratch / "best_submission.csv"
+        if not best.is_file():
+            return False
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best, dest)
+        return True
 
     @property
     def best_grade(self):
@@ -309,6 +324,7 @@ class MLEEnv:
         result, grade, _, outcome = self._run_code(self.state.best_code, validate=False)
         if outcome == "valid":
             self._best_grade = grade
+            shutil.copyfile(self._workspace.submission_path, self._scratch / "best_submission.csv")
         return self._best_grade
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ace.env.grading import get_metric
+from ace.env.metrics import get_metric
 from ace.env.task import Competition
 
 

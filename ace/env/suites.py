@@ -30,12 +30,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ace.env.grading import get_metric, score_submission
+from ace.env.grading import score_submission
+from ace.env.metrics import get_metric
 from ace.env.reference_solutions import reference_scripts, run_in_process
-from ace.env.task import Competition
+from ace.env.task import Competition, SubmissionRules
 
 # Bump when data generation, the reference population or the file layout changes.
-SUITE_VERSION = 1
+# 2: scikit-learn's metrics (log loss clipped at float64 eps, not renormalised), rows that must sum to one.
+SUITE_VERSION = 2
 MIN_LEADERBOARD = 50
 SPLITS = ("train", "held_out", "all")
 
@@ -266,7 +268,14 @@ def _competition_from_meta(comp_dir: Path, meta: dict) -> Competition:
         target_columns=tuple(meta["target_columns"]),
         leaderboard=tuple(meta["leaderboard"]),
         task_type=meta["task_type"],
+        rules=builtin_rules(meta["metric"], len(meta["target_columns"])),
     )
+
+
+def builtin_rules(metric: str, n_targets: int) -> SubmissionRules:
+    """The built-in suite's rules: strict (`SubmissionRules()` defaults), and, as on MLE-bench's
+    log-loss competitions, class probabilities that sum to one."""
+    return SubmissionRules(sum_to_one=metric == "log_loss" and n_targets > 1)
 
 
 def _build(spec: BuiltinSpec, seed: int, comp_dir: Path) -> None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-TASK_TYPES = ("binary", "multiclass", "regression", "multioutput", "image")
+TASK_TYPES = ("binary", "multiclass", "multilabel", "regression", "multioutput", "image", "text", "audio")
 
 # Every way a submission can be invalid; `GradeResult.reason` is one of these.
 INVALID_REASONS = (
@@ -24,7 +24,52 @@ INVALID_REASONS = (
     "nan_values",
     "out_of_range",
     "wrong_dtype",
+    "not_normalized",
+    "metric_error",
 )
+
+PAIRINGS = ("id", "sorted", "position")
+SCORED_ROWS = ("all", "nonnegative_answers")
+LABEL_POLICIES = ("known", "any")
+
+
+@dataclass(frozen=True)
+class SubmissionRules:
+    """How a competition checks a submission and pairs it with the answers.
+
+    MLE-bench's graders differ here competition by competition; the defaults are the strict
+    rules of the built-in suite. Attributes:
+      pairing: "id" pairs rows by the id column (the submission's ids must be the answers' ids);
+        "sorted" sorts both by id and pairs them in that order without comparing the ids;
+        "position" pairs row i with answer row i and does not look at ids.
+      extra_columns: columns besides the id and targets are ignored (True) or make the
+        submission invalid (False).
+      columns_by_position: the submission's non-id columns, in the file's order, are the
+        targets in `target_columns` order (names must still all be there); False: by name.
+      labels: for label metrics, "known" accepts only labels seen in the answers or the public
+        train.csv; "any" accepts any value of the answers' type (any number; any text, where
+        empty and NA-like cells read as the text "nan", as pandas' default reader gives).
+      sum_to_one: the target columns of every row must sum to 1 (np.isclose, atol 1e-6).
+      scored_rows: "all", or "nonnegative_answers": answer rows whose targets sum below 0 (-1
+        marks "not scored") are left out of the score.
+      round_digits: the score is rounded to this many decimals before ranking (None: not rounded).
+    """
+
+    pairing: str = "id"
+    extra_columns: bool = False
+    columns_by_position: bool = False
+    labels: str = "known"
+    sum_to_one: bool = False
+    scored_rows: str = "all"
+    round_digits: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("pairing", PAIRINGS), ("labels", LABEL_POLICIES),
+                              ("scored_rows", SCORED_ROWS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SubmissionRules.{name}={getattr(self, name)!r}, expected one of {allowed}")
+        if self.round_digits is not None and not 0 <= self.round_digits <= 15:
+            raise ValueError(f"SubmissionRules.round_digits={self.round_digits!r}, expected None or 0..15")
 
 MEDALS = ("gold", "silver", "bronze")
 
@@ -38,14 +83,15 @@ class Competition:
       description: markdown shown to the agent.
       public_dir: folder copied read-only into the workspace as `./data/`.
       private_dir: folder with `answers_file`; graders read it, workspaces never see it.
-      metric: a name in `ace.env.grading.METRICS`.
+      metric: a name in `ace.env.metrics.METRICS`.
       higher_is_better: direction of `metric` (False for losses and errors).
       id_column: name of the row identifier column in test, answers and submissions.
       target_columns: the prediction columns a submission must hold besides `id_column`.
       leaderboard: team scores (any order); empty means "no medals can be computed".
       task_type: one of TASK_TYPES.
-      answers_file: file name inside `private_dir`; same columns as a submission.
-      sample_submission_file: file name inside `public_dir`.
+      answers_file: file name inside `private_dir`; holds the id and target columns.
+      sample_submission_file: file name inside `public_dir` (may be zipped: pandas reads it).
+      rules: how submissions are checked and paired with the answers (`SubmissionRules`).
     """
 
     comp_id: str
@@ -60,6 +106,7 @@ class Competition:
     task_type: str
     answers_file: str = "answers.csv"
     sample_submission_file: str = "sample_submission.csv"
+    rules: SubmissionRules = SubmissionRules()
 
     def __post_init__(self) -> None:
         if not self.comp_id or not isinstance(self.comp_id, str):

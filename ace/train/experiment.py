@@ -37,10 +37,15 @@ TABLE_ROWS = (("valid_rate", "valid submission rate", True), ("any_medal_rate", 
 
 @dataclasses.dataclass
 class EvalResult:
-    """Episodes by seed and the metrics: every `ace.eval.METRICS` entry plus `mean_reward`."""
+    """Episodes by seed and the metrics: every `ace.eval.METRICS` entry plus `mean_reward`.
+
+    `submission_paths` maps (seed, comp_id) to the saved best submission file, or None when the
+    episode had none; it is empty unless `evaluate_policy` was given a `submissions_dir`.
+    """
 
     episodes: dict[int, list[Any]]
     metrics: dict[str, MeanSE]
+    submission_paths: dict[tuple[int, str], Path | None] = dataclasses.field(default_factory=dict)
 
     def means(self) -> dict[str, float]:
         return {k: v.mean for k, v in self.metrics.items()}
@@ -48,7 +53,8 @@ class EvalResult:
 
 def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Sequence[Any], sandbox: Any, *,
                     seeds: Sequence[int], cfg: Mapping[str, Any], engine: Any = None, version: int | None = None,
-                    env_factory: Any = None, prompt_cfg: PromptConfig | None = None) -> EvalResult:
+                    env_factory: Any = None, prompt_cfg: PromptConfig | None = None,
+                    submissions_dir: Path | None = None) -> EvalResult:
     """Runs one whole episode per (competition, seed) with fixed sampling seeds and scores them.
 
     Args:
@@ -64,10 +70,13 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
       env_factory: `comp -> env`; default: MLEEnv with the config's reward and limits.
       prompt_cfg: the prompt limits the policy was trained with (default: the SFT corpus's); the
         default env_factory applies env.prompt on top, as the run's own env factory does.
+      submissions_dir: when given, each episode's best submission is saved (before the envs close)
+        to `<submissions_dir>/seed-<seed>/<comp_id>.csv` (an older file there is removed when the
+        episode has none); the envs must offer `save_best_submission`.
 
     Returns:
       EvalResult with `ace.eval` metrics (mean ± SE over seeds) and `mean_reward`, the mean total
-      reward of an episode.
+      reward of an episode; with `submissions_dir`, `submission_paths` names the saved files.
     """
     if not seeds:
         raise ValueError("evaluate_policy needs at least one seed")
@@ -96,6 +105,14 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
                                 seeds=[1_000_003 + seed * 1009 + i % len(comps) for i, (seed, _) in enumerate(pairs)],
                                 max_prompt_tokens=int(rollout["max_prompt_tokens"]), max_actions=None,
                                 exec_workers=int((cfg.get("train") or {}).get("exec_workers", 2)))
+        saved: dict[tuple[int, str], Path | None] = {}
+        if submissions_dir is not None:
+            for (seed, comp), e in zip(pairs, envs):
+                dest = Path(submissions_dir) / f"seed-{int(seed)}" / f"{comp.comp_id}.csv"
+                if not e.save_best_submission(dest):
+                    dest.unlink(missing_ok=True)  # a file from an earlier evaluation is not this one's
+                    dest = None
+                saved[(int(seed), comp.comp_id)] = dest
     finally:
         for e in envs:
             e.close()
@@ -106,7 +123,7 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
     per_seed = [float(np.mean([ep.total_reward for ep in eps])) for eps in by_seed.values()]
     metrics["mean_reward"] = (mean_se(per_seed) if len(per_seed) > 1
                               else mean_se([ep.total_reward for ep in episodes]))
-    return EvalResult(episodes=by_seed, metrics=metrics)
+    return EvalResult(episodes=by_seed, metrics=metrics, submission_paths=saved)
 
 
 def reward_config(cfg: Mapping[str, Any]) -> RewardConfig:

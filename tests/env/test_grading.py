@@ -5,49 +5,62 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from ace.env.grading import (METRICS, grade_submission, human_rank, medal_for, medal_thresholds,
-                             ranked_result)
+from ace.env.grading import grade_submission, human_rank, medal_for, medal_thresholds, ranked_result
+from ace.env.metrics import METRICS, metric_for_grader
 from ace.env.task import Competition
+from tests.support import reference_metrics as ref
 
 RNG = np.random.default_rng(0)
 
 
-def test_label_metrics_match_sklearn():
+def test_label_metrics_match_their_definitions():
     t = RNG.integers(0, 4, size=(200, 1))
     p = np.where(RNG.random((200, 1)) < 0.6, t, RNG.integers(0, 5, size=(200, 1)))
-    assert METRICS["accuracy"].fn(t, p) == pytest.approx(skm.accuracy_score(t[:, 0], p[:, 0]))
-    assert METRICS["macro_f1"].fn(t, p) == pytest.approx(
-        skm.f1_score(t[:, 0], p[:, 0], average="macro"), abs=1e-12)
+    assert METRICS["accuracy"].fn(t, p) == pytest.approx(ref.accuracy(t[:, 0], p[:, 0]), abs=1e-12)
+    assert METRICS["macro_f1"].fn(t, p) == pytest.approx(ref.macro_f1(t[:, 0], p[:, 0]), abs=1e-12)
+    assert METRICS["qwk"].fn(t, p) == pytest.approx(ref.quadratic_kappa(t[:, 0], p[:, 0]), abs=1e-12)
     s = np.array(["a", "b", "a", "c"], dtype=object)[:, None]
     assert METRICS["accuracy"].fn(s, s[::-1]) == 0.0
+    with pytest.raises(ValueError, match="one target column"):
+        METRICS["accuracy"].fn(np.zeros((3, 2)), np.zeros((3, 2)))
 
 
-def test_roc_auc_with_ties_and_columns_matches_sklearn():
+def test_roc_auc_with_ties_and_columns_matches_pair_counting():
     t = RNG.integers(0, 2, size=(300, 3))
-    # Rounded scores create many ties, which the rank formula must average.
+    # Rounded scores create many ties, which count one half.
     p = np.round(np.clip(t * 0.3 + RNG.random((300, 3)), 0, 1), 1)
-    want = np.mean([skm.roc_auc_score(t[:, k], p[:, k]) for k in range(3)])
-    assert METRICS["roc_auc"].fn(t, p) == pytest.approx(want, abs=1e-12)
+    assert METRICS["roc_auc"].fn(t, p) == pytest.approx(ref.mean_auc(t, p), abs=1e-12)
+    assert METRICS["roc_auc"].fn(t[:, :1], p[:, :1]) == pytest.approx(ref.auc(t[:, 0], p[:, 0]), abs=1e-12)
 
 
-def test_log_loss_binary_and_multiclass_match_sklearn():
+def test_log_loss_clips_at_float64_eps_and_does_not_renormalise():
     t = RNG.integers(0, 2, size=(100, 1))
     p = RNG.uniform(0.01, 0.99, size=(100, 1))
-    assert METRICS["log_loss"].fn(t, p) == pytest.approx(skm.log_loss(t[:, 0], p[:, 0]), abs=1e-12)
-    labels = RNG.integers(0, 3, size=100)
-    onehot = np.eye(3)[labels]
+    p[:3] = [[0.0], [1.0], [1.0]]  # confident: clipped at eps, not at 1e-15
+    assert METRICS["log_loss"].fn(t, p) == pytest.approx(ref.binary_log_loss(t, p), rel=1e-12)
+    onehot = np.eye(3)[RNG.integers(0, 3, size=100)]
     probs = RNG.dirichlet(np.ones(3), size=100)
-    assert METRICS["log_loss"].fn(onehot, probs) == pytest.approx(skm.log_loss(labels, probs), abs=1e-12)
-    # Unnormalised rows are renormalised, as Kaggle's multi-class log loss does.
-    assert METRICS["log_loss"].fn(onehot, probs * 7) == pytest.approx(skm.log_loss(labels, probs), abs=1e-12)
+    assert METRICS["log_loss"].fn(onehot, probs) == pytest.approx(ref.multiclass_log_loss(onehot, probs), abs=1e-12)
+    # Rows that do not sum to one are scored as they are (validity is the rules' business).
+    assert METRICS["log_loss"].fn(onehot, probs * 0.5) == pytest.approx(
+        ref.multiclass_log_loss(onehot, probs * 0.5), abs=1e-12)
 
 
 def test_regression_metrics_match_formulas():
     t, p = RNG.normal(size=(50, 3)), RNG.normal(size=(50, 3))
-    assert METRICS["rmse"].fn(t, p) == pytest.approx(np.sqrt(skm.mean_squared_error(t, p)))
-    assert METRICS["mae"].fn(t, p) == pytest.approx(skm.mean_absolute_error(t, p))
-    cols = [np.sqrt(skm.mean_squared_error(t[:, k], p[:, k])) for k in range(3)]
-    assert METRICS["mcrmse"].fn(t, p) == pytest.approx(np.mean(cols))
+    assert METRICS["rmse"].fn(t, p) == pytest.approx(ref.rmse(t, p), abs=1e-12)
+    assert METRICS["mae"].fn(t, p) == pytest.approx(ref.mae(t, p), abs=1e-12)
+    assert METRICS["mcrmse"].fn(t, p) == pytest.approx(ref.mean_column_rmse(t, p), abs=1e-12)
+    pos_t, pos_p = np.abs(t), np.abs(p)
+    assert METRICS["mcrmsle"].fn(pos_t, pos_p) == pytest.approx(ref.mean_column_rmsle(pos_t, pos_p), abs=1e-12)
+
+
+def test_grader_names_map_to_metrics():
+    assert metric_for_grader("quadratic-weighted-kappa") == "qwk"
+    assert metric_for_grader("root_mean_squared_error") == "rmse"
+    assert metric_for_grader("Mean-Column-Wise-RMSLE") == "mcrmsle"
+    with pytest.raises(KeyError, match="unknown MLE-bench grader 'bleu'"):
+        metric_for_grader("bleu")
 
 
 # Expected 1-based cut-off positions (gold, silver, bronze), written from the issue's table.

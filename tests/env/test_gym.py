@@ -63,9 +63,10 @@ def _rmse_of(comp, slope):
     return float(np.sqrt(np.mean((slope * test["x"].to_numpy() - ans["y"].to_numpy()) ** 2)))
 
 
-def test_execute_grades_rewards_and_tracks_the_best(comp, sandbox):
+def test_execute_grades_rewards_and_tracks_the_best(comp, sandbox, tmp_path):
     with _env(comp, sandbox) as env:
         env.reset()
+        assert not env.save_best_submission(tmp_path / "none.csv") and not (tmp_path / "none.csv").exists()
         first = env.step(format_action(Action("execute_code", solution(2.0))))
         assert first.outcome == "valid" and first.grade.valid
         assert first.grade.score == pytest.approx(_rmse_of(comp, 2.0))
@@ -84,6 +85,11 @@ def test_execute_grades_rewards_and_tracks_the_best(comp, sandbox):
         done = env.step("<submit/>")
         assert done.done and env.state.submitted and done.grade == better.grade
         assert env.final_grade() == better.grade
+        # The best file (slope 3.0), not the last or the first one, is what gets saved.
+        assert env.save_best_submission(tmp_path / "deep" / "best.csv")
+        saved = pd.read_csv(tmp_path / "deep" / "best.csv")
+        test = pd.read_csv(comp.public_dir / "test.csv")
+        np.testing.assert_allclose(saved["y"].to_numpy(), 3.0 * test["x"].to_numpy())
         with pytest.raises(RuntimeError, match="over"):
             env.step("<submit/>")
 
@@ -137,7 +143,7 @@ def test_validate_runs_on_a_subsample_and_reports_no_score(comp, sandbox):
         assert broken.outcome == "invalid" and broken.grade.reason == "wrong_columns"
 
 
-def test_episode_resumes_from_a_stored_state_and_rebuilds_the_best(comp, sandbox):
+def test_episode_resumes_from_a_stored_state_and_rebuilds_the_best(comp, sandbox, tmp_path):
     with _env(comp, sandbox) as env:
         env.reset()
         env.step(format_action(Action("execute_code", solution(2.5))))
@@ -148,6 +154,8 @@ def test_episode_resumes_from_a_stored_state_and_rebuilds_the_best(comp, sandbox
         assert len(ep.steps) == 1 and ep.steps[0].state_before == state
         assert ep.final_grade.valid and ep.final_grade.score == pytest.approx(_rmse_of(comp, 2.5))
         assert ep.final_state.step == 2 and ep.final_state.submitted
+        assert env.save_best_submission(tmp_path / "best.csv")  # the rebuilt file
+        assert len(pd.read_csv(tmp_path / "best.csv")) == N_TEST
         with pytest.raises(ValueError, match="'other'"):
             env.reset(AgentState("other", max_steps=3))
 
