@@ -18,6 +18,7 @@ rows are scored. A metric (`ace.env.metrics`) sees the paired rows as `y_true [N
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -152,6 +153,9 @@ class _Invalid(Exception):
 
 def _canonical_ids(col: pd.Series) -> pd.Series:
     """Ids as strings, with integral floats ("3.0") written as integers ("3")."""
+    # A non-number among the first ids settles it without parsing millions of strings.
+    if pd.to_numeric(col.iloc[:64], errors="coerce").isna().any():
+        return col.astype(str)
     numeric = pd.to_numeric(col, errors="coerce")
     if numeric.notna().all() and np.all(np.mod(numeric.to_numpy(float), 1) == 0):
         return numeric.astype(np.int64).astype(str)
@@ -168,12 +172,20 @@ def _read_answers(comp: Competition) -> pd.DataFrame:
     path = comp.answers_path
     if not path.is_file():
         raise FileNotFoundError(f"{comp.comp_id}: answers file {path} is missing")
-    answers = pd.read_csv(path)
+    stat = path.stat()
+    answers = _read_answers_file(str(path), stat.st_mtime_ns, stat.st_size)
     needed = list(comp.target_columns) + ([comp.id_column] if comp.rules.pairing != "position" else [])
     missing = [c for c in needed if c not in answers.columns]
     if missing:
         raise ValueError(f"{comp.comp_id}: answers file {path} lacks columns {missing}")
     return answers
+
+
+@functools.lru_cache(maxsize=8)
+def _read_answers_file(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    """The answers as MLE-bench's load_answers reads them (pandas' defaults), cached while the file is
+    unchanged: an episode grades every run against them, and some hold millions of rows. Read-only."""
+    return pd.read_csv(path)
 
 
 def _known_labels(comp: Competition, answers: pd.DataFrame, col: str) -> set[str]:
@@ -278,23 +290,29 @@ def _pair_rows(comp: Competition, sub: pd.DataFrame, answers: pd.DataFrame,
     if empty[id_col].any():
         rows = np.flatnonzero(empty[id_col].to_numpy()) + 1
         raise _Invalid("bad_ids", f"column {id_col!r} is empty in {len(rows)} rows, e.g. data rows {list(rows[:3])}")
-    # An id may repeat in the answers (e.g. a comment text used as the id): the k-th copy in the
-    # submission pairs with the k-th copy in the answers, so the ids must agree as a multiset.
     ids, true_ids = _canonical_ids(sub[id_col]), _canonical_ids(answers[id_col])
-    sub_keys = pd.MultiIndex.from_arrays([ids, ids.groupby(ids).cumcount()])
-    true_keys = pd.MultiIndex.from_arrays([true_ids, true_ids.groupby(true_ids).cumcount()])
-    unknown = sorted(set(ids) - set(true_ids))
-    if unknown:
-        raise _Invalid("bad_ids", f"{len(unknown)} ids are not in the test set, e.g. {_examples(unknown)}")
-    counts, true_counts = ids.value_counts(), true_ids.value_counts()
-    repeated = counts[counts > true_counts.reindex(counts.index).fillna(0)]
+    unknown = ids[~ids.isin(true_ids)].unique()
+    if len(unknown):
+        raise _Invalid("bad_ids", f"{len(unknown)} ids are not in the test set, e.g. {_examples(sorted(unknown))}")
+    if true_ids.is_unique:
+        repeated = ids[ids.duplicated()].value_counts() + 1
+    else:
+        counts, true_counts = ids.value_counts(), true_ids.value_counts()
+        repeated = counts[counts > true_counts.reindex(counts.index).fillna(0)]
     if len(repeated):
         raise _Invalid("duplicate_ids", f"{len(repeated)} ids appear more often than in the test set, e.g. "
                        f"{_examples(repeated.index)} ({_examples(repeated.to_numpy())} times)")
-    missing = sorted(set(true_ids) - set(ids))
-    if missing:
-        raise _Invalid("bad_ids", f"{len(missing)} test ids are missing, e.g. {_examples(missing)}")
-    order = pd.Series(np.arange(len(sub)), index=sub_keys).reindex(true_keys).to_numpy()
+    missing = true_ids[~true_ids.isin(ids)].unique()
+    if len(missing):
+        raise _Invalid("bad_ids", f"{len(missing)} test ids are missing, e.g. {_examples(sorted(missing))}")
+    if true_ids.is_unique:
+        order = pd.Index(ids).get_indexer(true_ids)
+    else:
+        # An id may repeat in the answers (e.g. a comment text used as the id): the k-th copy in the
+        # submission pairs with the k-th copy in the answers (the ids agree as a multiset here).
+        sub_keys = pd.MultiIndex.from_arrays([ids, ids.groupby(ids).cumcount()])
+        true_keys = pd.MultiIndex.from_arrays([true_ids, true_ids.groupby(true_ids).cumcount()])
+        order = pd.Series(np.arange(len(sub)), index=sub_keys).reindex(true_keys).to_numpy()
     return (sub.iloc[order].reset_index(drop=True), empty.iloc[order].reset_index(drop=True),
             true_ids.reset_index(drop=True))
 
