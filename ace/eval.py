@@ -3,8 +3,10 @@
 Per episode the final submission is the best valid one (what `submit` hands in). Metrics:
 valid submission rate, medal rates (gold, silver, bronze each exclusive, and any medal),
 above-median rate, HumanRank ((teams - position + 1) / teams; an episode without a valid
-submission counts 0, the bottom of the board) and steps to the first valid submission (over the
-episodes that have one).
+submission counts 0, the bottom of the board) and steps to the first valid submission, two ways:
+`steps_to_first_valid` as the AceGRPO paper counts it (over the episodes that reach one) and
+`steps_to_first_valid_censored`, where an episode without one counts max_steps + 1 (so that a
+policy cannot look faster by failing more often; needs the episode limit, else n/a).
 
 Aggregation follows MLE-bench: with several seeds, each metric is averaged within a seed and
 the mean ± standard error is taken over seeds; with a single seed, over episodes.
@@ -17,9 +19,10 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 METRICS = ("valid_rate", "gold_rate", "silver_rate", "bronze_rate", "any_medal_rate",
-           "above_median_rate", "human_rank", "steps_to_first_valid")
-# The rows of the AceGRPO paper's MLE-bench-Lite table (each mean ± SE).
-LITE_ROWS = ("valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid")
+           "above_median_rate", "human_rank", "steps_to_first_valid", "steps_to_first_valid_censored")
+# The rows of the AceGRPO paper's MLE-bench-Lite table (each mean ± SE), and the censored steps.
+LITE_ROWS = ("valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid",
+             "steps_to_first_valid_censored")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,7 @@ class EpisodeSummary:
     human_rank: float | None
     steps_to_first_valid: int | None
     num_steps: int
+    max_steps: int | None = None   # the episode limit (censors steps_to_first_valid); None: unknown
 
     def __post_init__(self):
         if self.medal not in (None, "gold", "silver", "bronze"):
@@ -43,6 +47,8 @@ class EpisodeSummary:
                              "and is not above the median")
         if self.human_rank is not None and not 0.0 <= self.human_rank <= 1.0:
             raise ValueError(f"human_rank must be in [0, 1], got {self.human_rank}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"{self.comp_id}: max_steps={self.max_steps}, expected >= 1 or None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +63,8 @@ class MeanSE:
         return "n/a" if self.n == 0 else f"{self.mean:.3f} ± {self.se:.3f}"
 
 
-def summarize_episode(episode: Any, *, seed: int = 0) -> EpisodeSummary:
-    """An `ace.env.gym.Episode` reduced to an `EpisodeSummary`."""
+def summarize_episode(episode: Any, *, seed: int = 0, max_steps: int | None = None) -> EpisodeSummary:
+    """An `ace.env.gym.Episode` reduced to an `EpisodeSummary`; `max_steps` is the episode limit."""
     grade = episode.final_grade
     valid = grade is not None and bool(grade.valid) and grade.score is not None
     return EpisodeSummary(
@@ -66,7 +72,7 @@ def summarize_episode(episode: Any, *, seed: int = 0) -> EpisodeSummary:
         medal=grade.medal if valid else None,
         above_median=bool(grade.above_median) if valid else False,
         human_rank=grade.human_rank if valid else None,
-        steps_to_first_valid=episode.steps_to_first_valid, num_steps=len(episode.steps))
+        steps_to_first_valid=episode.steps_to_first_valid, num_steps=len(episode.steps), max_steps=max_steps)
 
 
 def mean_se(values: Sequence[float]) -> MeanSE:
@@ -93,6 +99,9 @@ def _per_episode(s: EpisodeSummary) -> dict[str, float | None]:
         "human_rank": float(s.human_rank) if s.valid and s.human_rank is not None else 0.0,
         "steps_to_first_valid": (None if s.steps_to_first_valid is None
                                  else float(s.steps_to_first_valid)),
+        "steps_to_first_valid_censored": (
+            float(s.steps_to_first_valid) if s.steps_to_first_valid is not None
+            else None if s.max_steps is None else float(s.max_steps + 1)),
     }
 
 
@@ -126,9 +135,10 @@ def evaluate(summaries: Iterable[EpisodeSummary]) -> dict[str, MeanSE]:
     return results
 
 
-def evaluate_episodes(episodes_by_seed: Mapping[int, Sequence[Any]]) -> dict[str, MeanSE]:
-    """`evaluate` straight from episodes: {seed: [Episode, ...]}."""
-    return evaluate(summarize_episode(ep, seed=seed)
+def evaluate_episodes(episodes_by_seed: Mapping[int, Sequence[Any]], *,
+                      max_steps: int | None = None) -> dict[str, MeanSE]:
+    """`evaluate` straight from episodes: {seed: [Episode, ...]}, all run with limit `max_steps`."""
+    return evaluate(summarize_episode(ep, seed=seed, max_steps=max_steps)
                     for seed, eps in episodes_by_seed.items() for ep in eps)
 
 
@@ -168,3 +178,47 @@ def format_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanS
 def format_lite_table(results: Mapping[str, MeanSE] | Mapping[str, Mapping[str, MeanSE]]) -> str:
     """The MLE-bench-Lite table of the AceGRPO paper: `format_table` over LITE_ROWS."""
     return format_table(results, rows=LITE_ROWS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+    """mean(b - a) over paired values, with a percentile bootstrap confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "n/a"
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10_000, level: float = 0.95,
+                     seed: int = 0) -> PairedDifference:
+    """The mean of the paired differences b[i] - a[i] and its percentile bootstrap interval.
+
+    Pairs (e.g. two variants run with the same training seed) are resampled together, so what the
+    seed does to both cancels. Pairs where either value is nan are dropped.
+    Args:
+      a, b: [n] values, b[i] paired with a[i].
+      n_boot: bootstrap resamples.
+      level: coverage of the interval, in (0, 1).
+      seed: the resampling's random seed (the interval is a function of it and the data).
+    """
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap needs two 1-D arrays of one length, got shapes {a.shape} and {b.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level={level} must be in (0, 1) and n_boot={n_boot} >= 1")
+    d = (b - a)[np.isfinite(a) & np.isfinite(b)]
+    if d.size == 0:
+        return PairedDifference(math.nan, math.nan, math.nan, 0, level)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return PairedDifference(float(d.mean()), float(low), float(high), int(d.size), level)

@@ -1,15 +1,21 @@
-"""Does AceGRPO learn, and what do its curriculum parts buy? The tiny experiment with several seeds.
+"""Does AceGRPO learn, and what do its curriculum parts buy? The project's ablation study on the CPU.
 
-    python bench/learning.py [--steps 24] [--seeds 0 1 2] [--sft-seed 0] [--variants AceGRPO no_buffer uniform_sampling]
+    python bench/learning.py [--steps 24] [--seeds 0 1 2 3 4] [--variants AceGRPO no_buffer uniform_sampling sync]
 
 Runs the main job (`ace.train.experiment.run_experiment`: SFT, held-out evaluation, AceGRPO,
-held-out evaluation) once per (variant, seed) and prints, per variant, the held-out any-medal rate
-and mean episode reward after RL (and before, with the change) as mean ± standard error over the
-training seeds. Every run starts from one SFT policy (`--sft-seed`, trained once and cached), so
-the seeds vary the RL rollouts and updates only; `--sft-seed -1` gives each seed its own SFT run.
-The default budget (`--steps`, learner steps per run) is shorter than the main job's so that the
-bench finishes in reasonable time on a CPU; it says so in its output. Extra Hydra overrides pass
-through `--override key=value` (repeatable).
+held-out evaluation) once per (variant, training seed). Every run starts from one SFT policy
+(`--sft-seed`, trained once and cached) and is evaluated on the same held-out competitions with
+the same evaluation seeds, so the training seed varies the RL rollouts and updates only, and the
+variants of one seed form a pair.
+
+It prints, per variant, the held-out metrics after RL (valid rate, any-medal rate, mean HumanRank,
+steps to the first valid submission as the paper counts it and censored, mean episode reward), each
+as mean ± standard error over the training seeds, and each ablation's difference from AceGRPO
+with a paired bootstrap 95% interval (`ace.eval.paired_bootstrap`, pairs = training seeds). It
+writes `<out>/table.csv` (one row per variant and metric) and `<out>/ablations.png` (one axis per
+metric, and the training reward curves), which `notebooks/ablations.ipynb` reads. The budget
+(`--steps` learner steps per run) is shorter than the main job's so that the study fits on a CPU;
+it says so in its output. Extra Hydra overrides pass through `--override key=value` (repeatable).
 """
 from __future__ import annotations
 
@@ -31,8 +37,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "uniform_sampling": ("ablation=uniform_sampling",),
     "sync": ("ablation=sync",),
 }
-DEFAULT_VARIANTS = ("AceGRPO", "no_buffer", "uniform_sampling")
-HEADLINE = (("any_medal_rate", "any-medal rate"), ("mean_reward", "mean reward"))
+DEFAULT_VARIANTS = ("AceGRPO", "no_buffer", "uniform_sampling", "sync")
+FULL = "AceGRPO"
+# (metric key, label, higher is better) of the table, the CSV and the figure.
+HEADLINE = (("valid_rate", "valid rate", True), ("any_medal_rate", "any-medal rate", True),
+            ("human_rank", "HumanRank", True), ("steps_to_first_valid", "steps to 1st valid", False),
+            ("steps_to_first_valid_censored", "steps, censored", False), ("mean_reward", "mean reward", True))
 
 
 def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
@@ -65,44 +75,119 @@ def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Se
     return run_experiment(compose_config(overrides))
 
 
-def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per variant and headline metric: MeanSE over seeds of the after-RL value, of the before-RL
-    value, and of the per-seed change (after - before)."""
-    from ace.eval import mean_se
+def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], *, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (variant, headline metric): the after-RL value as mean ± SE over training seeds,
+    the before-RL value, and for each ablation the paired difference from FULL (same seeds).
 
-    out: dict[str, dict[str, Any]] = {}
+    Args:
+      results: {variant: [run_experiment result per seed, in `seeds` order]}.
+    Returns:
+      rows of {variant, metric, mean, se, n, before_mean, diff, diff_low, diff_high}, the diff
+      fields None for FULL (or when FULL was not run).
+    """
+    from ace.eval import mean_se, paired_bootstrap
+
+    def values(runs, key, when="after"):
+        return [r[when][key].mean if r[when][key].n else float("nan") for r in runs]
+
+    rows = []
     for variant, runs in results.items():
-        out[variant] = {}
-        for key, _ in HEADLINE:
-            after = [r["after"][key].mean for r in runs]
-            before = [r["before"][key].mean for r in runs]
-            out[variant][key] = {"after": mean_se(after), "before": mean_se(before),
-                                 "change": mean_se([a - b for a, b in zip(after, before)])}
-    return out
+        if len(runs) != len(seeds):
+            raise ValueError(f"{variant}: {len(runs)} runs for {len(seeds)} seeds")
+        for key, _, _ in HEADLINE:
+            after = values(runs, key)
+            m = mean_se([x for x in after if x == x])
+            before = mean_se([x for x in values(runs, key, "before") if x == x])
+            row = {"variant": variant, "metric": key, "mean": m.mean, "se": m.se, "n": m.n,
+                   "before_mean": before.mean, "diff": None, "diff_low": None, "diff_high": None}
+            if variant != FULL and FULL in results:
+                d = paired_bootstrap(values(results[FULL], key), after)
+                row.update(diff=d.mean, diff_low=d.low, diff_high=d.high)
+            rows.append(row)
+    return rows
 
 
-def format_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
-    """A fixed-width table: one row per variant, after / before / change per headline metric."""
-    header = f"{'variant':<18}" + "".join(f"{label + ' after':>22}{'before':>18}{'change':>18}"
-                                          for _, label in HEADLINE)
-    lines = [header, "-" * len(header)]
-    for variant, metrics in summary.items():
-        row = f"{variant:<18}"
-        for key, _ in HEADLINE:
-            m = metrics[key]
-            row += f"{str(m['after']):>22}{str(m['before']):>18}{str(m['change']):>18}"
-        lines.append(row)
+def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Two fixed-width tables: the metrics after RL per variant (mean ± SE), and each ablation's
+    difference from FULL with its 95% paired bootstrap interval."""
+    from ace.eval import MeanSE, PairedDifference
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["variant"], r["metric"]): r for r in rows}
+    width = 22
+    header = f"{'variant':<18}" + "".join(f"{label:>{width}}" for _, label, _ in HEADLINE)
+    lines = ["after RL (mean ± SE over training seeds)", header, "-" * len(header)]
+    for v in variants:
+        lines.append(f"{v:<18}" + "".join(
+            f"{str(MeanSE(cell[v, k]['mean'], cell[v, k]['se'], cell[v, k]['n'])):>{width}}" for k, _, _ in HEADLINE))
+    ablations = [v for v in variants if cell[v, HEADLINE[0][0]]["diff"] is not None]
+    if ablations:
+        lines += ["", f"difference from {FULL} (ablation - {FULL}), paired bootstrap 95% interval", header,
+                  "-" * len(header)]
+        for v in ablations:
+            lines.append(f"{v:<18}" + "".join(
+                f"{str(PairedDifference(cell[v, k]['diff'], cell[v, k]['diff_low'], cell[v, k]['diff_high'], cell[v, k]['n'], 0.95)):>{width}}"
+                for k, _, _ in HEADLINE))
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """The summary rows as CSV (one row per variant and metric)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_ablations(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequence[Sequence[float]]],
+                   path: Path) -> Path:
+    """One axis per headline metric (bars: variants, error bars: SE over seeds), and the training
+    reward per step, averaged over seeds, per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["variant"], r["metric"]): r for r in rows}
+    fig, axes = plt.subplots(1, len(HEADLINE) + 1, figsize=(3.6 * (len(HEADLINE) + 1), 3.8))
+    for ax, (key, label, higher) in zip(axes, HEADLINE):
+        x = np.arange(len(variants))
+        ax.bar(x, [cell[v, key]["mean"] for v in variants], yerr=[cell[v, key]["se"] for v in variants],
+               color=[f"C{i}" for i in range(len(variants))], capsize=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+    ax = axes[-1]
+    for i, (variant, per_seed) in enumerate(curves.items()):
+        length = min((len(c) for c in per_seed), default=0)
+        if length:
+            ax.plot(np.arange(1, length + 1), np.mean([c[:length] for c in per_seed], axis=0), color=f"C{i}",
+                    label=variant)
+    ax.set_title("training reward (mean over seeds)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    from ace.train.metrics import read_jsonl
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     main_steps = compose_config([])["train"]["steps"]
     parser.add_argument("--steps", type=int, default=24, help=f"AceGRPO learner steps per run (main job: {main_steps})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_learning",
-                        help="one sub-directory per run goes here")
+                        help="one sub-directory per run, table.csv and ablations.png go here")
     parser.add_argument("--sft-seed", type=int, default=0,
                         help="seed of the one SFT policy every run starts from (-1: each run's own seed)")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override, e.g. eval.seeds=[0]")
@@ -114,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if args.override:
         print(f"extra overrides: {args.override}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    curves: dict[str, list[list[float]]] = {v: [] for v in args.variants}
     t0 = time.perf_counter()
     for variant in args.variants:
         for seed in args.seeds:
@@ -121,14 +207,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             res = run_variant(variant, seed=seed, steps=args.steps, out_dir=args.out / f"{variant}_seed{seed}",
                               extra=args.override, sft_seed=sft_seed)
             results[variant].append(res)
-            print(f"[bench] {variant} seed {seed}: any-medal {res['after']['any_medal_rate'].mean:.3f}, "
-                  f"reward {res['after']['mean_reward'].mean:.3f} ({time.perf_counter() - t_run:.0f}s)", flush=True)
-    summary = summarize(results)
-    print(f"\nHeld-out metrics after {args.steps} AceGRPO steps, mean ± standard error over {len(args.seeds)} "
-          f"training seeds (each seed's value is its mean over the eval seeds):")
-    print(format_summary(summary))
+            curves[variant].append([r["reward_mean"] for r in read_jsonl(res["metrics_path"]) if "reward_mean" in r])
+            print(f"[bench] {variant} seed {seed}: valid {res['after']['valid_rate'].mean:.3f}, any-medal "
+                  f"{res['after']['any_medal_rate'].mean:.3f}, reward {res['after']['mean_reward'].mean:.3f} "
+                  f"({time.perf_counter() - t_run:.0f}s)", flush=True)
+    rows = summarize(results, seeds=args.seeds)
+    print(f"\nHeld-out metrics after {args.steps} AceGRPO steps over {len(args.seeds)} training seeds (each "
+          f"seed's value is its mean over the evaluation seeds):")
+    print(format_summary(rows))
+    print(f"table: {write_csv(rows, args.out / 'table.csv')}, figure: "
+          f"{plot_ablations(rows, curves, args.out / 'ablations.png')}")
     print(f"total time: {time.perf_counter() - t0:.0f}s", flush=True)
-    return summary
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ Outputs, under `<run dir>/eval/<suite>-step<step>/`:
   submissions/seed-<seed>/<competition>.csv   each episode's best submission (what `submit` hands in)
   seed-<seed>/<timestamp>_grading_report.json MLE-bench's grading report of that seed's episodes
                                               (`ace.env.reports`: one competition report each)
+  transcripts/seed-<seed>/<competition>.json   each episode's actions, outcomes, rewards and observations
   metrics.json                                the metrics as {name: {mean, se, n}} (null for n/a)
   table.txt, lite_table.txt                   the full table and the MLE-bench-Lite rows
 
@@ -318,7 +319,7 @@ def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Se
     Returns:
       {seed: path of `<out_dir>/seed-<seed>/<timestamp>_grading_report.json`}.
     """
-    from ace.env.reports import aggregate_reports, competition_report, write_grading_report
+    from ace.env.reports import aggregate_reports, competition_report, write_grading_report, write_transcripts
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -329,6 +330,7 @@ def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Se
         reports = [competition_report(comp, ep.final_grade, submissions_dir / f"seed-{seed}" / f"{comp.comp_id}.csv")
                    for comp, ep in zip(comps, eps)]
         paths[int(seed)] = write_grading_report(aggregate_reports(reports), out_dir / f"seed-{seed}")
+    write_transcripts(episodes, out_dir / "transcripts")
     finite = lambda x: float(x) if math.isfinite(x) else None  # noqa: E731
     (out_dir / "metrics.json").write_text(json.dumps(
         {k: {"mean": finite(v.mean), "se": finite(v.se), "n": int(v.n)} for k, v in metrics.items()}, indent=2))

@@ -123,7 +123,15 @@ def test_eval_is_deterministic_in_the_seeds_and_metrics_match_the_episodes(run_d
     assert metrics["valid_rate"]["mean"] == pytest.approx(first["metrics"]["valid_rate"].mean)
     assert metrics["valid_rate"]["n"] == 2
     lite_rows = [ln.split()[0] for ln in (first["out_dir"] / "lite_table.txt").read_text().splitlines()[2:]]
-    assert lite_rows == ["valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid"]
+    assert lite_rows == ["valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid",
+                         "steps_to_first_valid_censored"]
+    # A transcript per episode: the steps as the environment recorded them.
+    for seed, eps in first["episodes"].items():
+        for ep in eps:
+            transcript = json.loads((first["out_dir"] / "transcripts" / f"seed-{seed}" / f"{ep.comp_id}.json").read_text())
+            assert [s["outcome"] for s in transcript["steps"]] == [s.outcome for s in ep.steps]
+            assert [s["observation"] for s in transcript["steps"]] == [s.observation for s in ep.steps]
+            assert transcript["final_valid"] == bool(ep.final_grade is not None and ep.final_grade.valid)
 
 
 def test_eval_cli_subprocess_prints_the_metrics_table(run_dir):
@@ -171,7 +179,8 @@ def test_lite_suite_needs_mlebench_and_lists_the_unprepared_competitions(tmp_pat
     # All three prepared Lite competitions are evaluated (no eval.competitions cut), with the Lite table.
     assert sorted(ep.comp_id for ep in result["episodes"][0]) == sorted(THREE_LITE)
     assert [ln.split()[0] for ln in result["table"].splitlines()[2:]] == [
-        "valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid"]
+        "valid_rate", "any_medal_rate", "above_median_rate", "human_rank", "steps_to_first_valid",
+        "steps_to_first_valid_censored"]
     assert "MLE-bench-Lite evaluation, 3 competitions" in out and "mean_reward" not in result["table"]
     report = json.loads(result["reports"][0].read_text())
     assert result["reports"][0].parent == run_dir[0] / "eval" / "lite-step3" / "seed-0"

@@ -31,15 +31,22 @@ def smoke_run(tmp_path_factory):
 def test_tiny_smoke_run_prints_the_table_and_writes_metrics_figure_and_checkpoint(smoke_run):
     out, text = smoke_run
     for label in ("valid submission rate", "any-medal rate", "mean HumanRank", "steps to first valid",
-                  "mean episode reward"):
+                  "steps to first valid, censored", "mean episode reward"):
         assert label in text, text
     assert "before RL" in text and "after RL" in text and "change" in text
     records = read_jsonl(out / "metrics.jsonl")
     steps = json.loads((out / "config.json").read_text())["train"]["steps"]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for key in ("reward_mean", "reward_std", "valid_rate", "medal_rate", "table_size", "lp_mean", "depth_0",
-                "learner_idle_fraction", "tokens_per_s", "step_time_s", "loss", "grad_norm"):
+                "learner_idle_fraction", "tokens_per_s", "step_time_s", "loss", "grad_norm",
+                "sampled_depth_mean", "lp_sampled_max"):
         assert key in records[-1], key
+    # Initial states are logged apart from deeper ones whenever a step drew them.
+    assert any("reward_mean_depth0" in r and "valid_rate_depth0" in r for r in records)
+    # Every held-out episode's transcript, before and after RL.
+    for when in ("before-rl", "after-rl"):
+        transcripts = list((out / "eval" / when / "transcripts").glob("seed-*/*.json"))
+        assert transcripts and all(json.loads(t.read_text())["steps"] for t in transcripts)
     png = out / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in text

@@ -26,6 +26,9 @@ A competition report (`competition_report`) holds exactly REPORT_FIELDS:
   created_at                   when the report was made (ISO 8601).
   submission_path              the submission file graded (a string; null when none was named).
 
+Transcripts (`write_transcripts`) are ours, not MLE-bench's: one JSON file per episode with each
+step's action, outcome, reward and observation, for reading why an episode failed.
+
 The aggregate (`aggregate_reports`) holds AGGREGATE_FIELDS: total_runs (reports),
 total_runs_with_submissions (submission_exists), total_valid_submissions (valid_submission),
 total_medals (gold + silver + bronze), total_gold_medals, total_silver_medals,
@@ -208,3 +211,32 @@ def write_grading_report(aggregate: Mapping[str, Any], out_dir: Path | str) -> P
         except FileExistsError:
             continue
     raise FileExistsError(f"{out_dir}: 1000 grading reports already carry the timestamp {stamp}")
+
+
+def episode_transcript(episode: Any) -> dict[str, Any]:
+    """An `ace.env.gym.Episode` as plain data: per step the action as the model wrote it (or the
+    text that held no action, with the format error), the outcome, the reward and the observation."""
+    from ace.env.agent import Action, format_action
+
+    steps = []
+    for i, step in enumerate(episode.steps, 1):
+        action = step.action
+        parsed = isinstance(action, Action)
+        steps.append({"step": i, "outcome": step.outcome, "reward": float(step.reward),
+                      "action": format_action(action) if parsed else action.text,
+                      "format_error": None if parsed else action.message, "observation": step.observation})
+    grade = episode.final_grade
+    return {"comp_id": episode.comp_id, "steps": steps, "final_score": None if grade is None else grade.score,
+            "final_valid": bool(grade is not None and grade.valid)}
+
+
+def write_transcripts(episodes_by_seed: Mapping[int, Sequence[Any]], out_dir: Path | str) -> list[Path]:
+    """`<out_dir>/seed-<seed>/<comp_id>.json`, the `episode_transcript` of every episode."""
+    paths = []
+    for seed, episodes in episodes_by_seed.items():
+        for episode in episodes:
+            path = Path(out_dir) / f"seed-{seed}" / f"{episode.comp_id}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(episode_transcript(episode), indent=1))
+            paths.append(path)
+    return paths

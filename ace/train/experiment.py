@@ -24,6 +24,7 @@ import numpy as np
 
 from ace.env.agent import PromptConfig
 from ace.env.reward import RewardConfig
+from ace.env.reports import write_transcripts
 from ace.eval import MeanSE, evaluate_episodes, mean_se
 from ace.rollout.engine import SamplingParams
 from ace.train.episodes import run_lockstep
@@ -32,6 +33,7 @@ from ace.train.metrics import plot_training, read_jsonl
 # Rows of the before/after table: (metric key, label, higher is better).
 TABLE_ROWS = (("valid_rate", "valid submission rate", True), ("any_medal_rate", "any-medal rate", True),
               ("human_rank", "mean HumanRank", True), ("steps_to_first_valid", "steps to first valid", False),
+              ("steps_to_first_valid_censored", "steps to first valid, censored", False),
               ("mean_reward", "mean episode reward", True))
 
 
@@ -119,7 +121,7 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
     by_seed: dict[int, list[Any]] = {int(s): [] for s in seeds}
     for (seed, _), ep in zip(pairs, episodes):
         by_seed[int(seed)].append(ep)
-    metrics = dict(evaluate_episodes(by_seed))
+    metrics = dict(evaluate_episodes(by_seed, max_steps=int(env["max_steps"])))
     per_seed = [float(np.mean([ep.total_reward for ep in eps])) for eps in by_seed.values()]
     metrics["mean_reward"] = (mean_se(per_seed) if len(per_seed) > 1
                               else mean_se([ep.total_reward for ep in episodes]))
@@ -348,6 +350,9 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                     env_factory=env_factory)
             say(f"[ace] held-out evaluation after RL ({time.perf_counter() - t0:.0f}s)", flush=True)
     metrics_path = out_dir / "metrics.jsonl"
+    # What each held-out episode did, before and after RL (ace.env.reports.episode_transcript).
+    for when, result in (("before-rl", before), ("after-rl", after)):
+        write_transcripts(result.episodes, out_dir / "eval" / when / "transcripts")
     before_m, after_m = before.metrics, after.metrics
     figure = plot_training(read_jsonl(metrics_path), {k: before_m[k].mean for k, _, _ in TABLE_ROWS},
                            {k: after_m[k].mean for k, _, _ in TABLE_ROWS}, out_dir / "training.png")

@@ -20,7 +20,8 @@ CONSOLE_KEYS = (("reward_mean", "r"), ("valid_rate", "valid"), ("table_size", "t
 
 
 def group_metrics(rewards: np.ndarray, outcomes: Sequence[Sequence[str]],
-                  medals: Sequence[Sequence[str | None]], success: np.ndarray) -> dict[str, float]:
+                  medals: Sequence[Sequence[str | None]], success: np.ndarray,
+                  depths: Sequence[int] | None = None) -> dict[str, float]:
     """Reward and outcome statistics of one learner batch.
 
     Args:
@@ -29,11 +30,15 @@ def group_metrics(rewards: np.ndarray, outcomes: Sequence[Sequence[str]],
         whole episode, "valid" when any of its steps was).
       medals: [N][G] the medal of each sample's best submission, or None.
       success: [N, G] bool, the learnability success flags.
+      depths: [N] the depth of each group's task (0: a competition's initial state), or None.
 
     Returns:
       reward_mean, reward_std (over all N*G samples), group_reward_std (mean within-group std),
       zero_variance_frac (groups whose rewards are all equal: no GRPO signal), valid_rate,
-      medal_rate, success_rate, and outcome_<name> fractions.
+      medal_rate, success_rate, and outcome_<name> fractions. With depths, also reward_mean and
+      valid_rate over the depth-0 groups (`*_depth0`) and over the deeper ones (`*_deeper`), each
+      only when the batch has such groups: the curve of initial states measures learning, apart
+      from the curriculum's drift towards deeper (harder or easier) states.
     """
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2:
@@ -55,6 +60,15 @@ def group_metrics(rewards: np.ndarray, outcomes: Sequence[Sequence[str]],
     }
     for name in sorted(set(flat_outcomes)):
         out[f"outcome_{name}"] = float(np.mean([o == name for o in flat_outcomes]))
+    if depths is not None:
+        depths = np.asarray(depths)
+        if depths.shape != (n,):
+            raise ValueError(f"depths must be [N] = [{n}], got shape {depths.shape}")
+        valid = np.asarray([[o == "valid" for o in row] for row in outcomes], np.float64)
+        for name, mask in (("depth0", depths == 0), ("deeper", depths > 0)):
+            if mask.any():
+                out[f"reward_mean_{name}"] = float(rewards[mask].mean())
+                out[f"valid_rate_{name}"] = float(valid[mask].mean())
     return out
 
 
@@ -69,8 +83,9 @@ def curriculum_metrics(table: Any, potentials: np.ndarray, sampled_rows: np.ndar
       max_depth: the deepest depth counted in the histogram (deeper rows go to the last bin).
 
     Returns:
-      table_size, mean_depth, depth_<d> counts for d in 0..max_depth, lp_mean / lp_max over the
-      live tasks, lp_sampled_mean over the sampled ones, never_tried_frac.
+      table_size, mean_depth, depth_<d> counts for d in 0..max_depth, lp_mean / lp_max and the
+      quartiles lp_q25 / lp_q50 / lp_q75 over the live tasks, never_tried_frac, and of the rows
+      sampled this step: sampled_depth_mean, sampled_depth_<d> counts, lp_sampled_mean / min / max.
     """
     valid = np.asarray(table.valid, bool)
     depth = np.asarray(table.depth)[valid]
@@ -86,9 +101,18 @@ def curriculum_metrics(table: Any, potentials: np.ndarray, sampled_rows: np.ndar
         "lp_sampled_mean": float(lp[rows].mean()) if rows.size else 0.0,
         "never_tried_frac": float(np.mean(visits == 0)) if visits.size else 0.0,
     }
+    if live_lp.size:
+        out.update(zip(("lp_q25", "lp_q50", "lp_q75"), map(float, np.quantile(live_lp, [0.25, 0.5, 0.75]))))
     hist = np.bincount(np.minimum(depth, max_depth), minlength=max_depth + 1)
     for d, count in enumerate(hist):
         out[f"depth_{d}"] = float(count)
+    if rows.size:
+        sampled_depth = np.asarray(table.depth)[rows]
+        out["sampled_depth_mean"] = float(sampled_depth.mean())
+        out["lp_sampled_min"], out["lp_sampled_max"] = float(lp[rows].min()), float(lp[rows].max())
+        hist = np.bincount(np.minimum(sampled_depth, max_depth), minlength=max_depth + 1)
+        for d, count in enumerate(hist):
+            out[f"sampled_depth_{d}"] = float(count)
     return out
 
 
@@ -188,9 +212,28 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(x, kernel, mode="valid")])
 
 
+# Panels of the training figure: (title, [(metric key, label)]); keys on one panel share a unit.
+TRAINING_PANELS = (
+    ("reward (mean over samples)", (("reward_mean", "all"), ("reward_mean_depth0", "initial states"),
+                                    ("reward_mean_deeper", "deeper states"))),
+    ("valid submission rate", (("valid_rate", "all"), ("valid_rate_depth0", "initial states"),
+                               ("valid_rate_deeper", "deeper states"))),
+    ("task table size", (("table_size", "tasks"),)),
+    ("learnability potential", (("lp_mean", "live mean"), ("lp_sampled_mean", "sampled mean"))),
+    ("depth of the sampled tasks", (("sampled_depth_mean", "mean"),)),
+)
+# Before/after bars, one axis per unit: rates in [0, 1], steps, reward.
+EVAL_PANELS = (
+    ("held-out rates", ("valid_rate", "any_medal_rate", "above_median_rate", "human_rank")),
+    ("held-out steps to first valid", ("steps_to_first_valid", "steps_to_first_valid_censored")),
+    ("held-out episode reward", ("mean_reward",)),
+)
+
+
 def plot_training(records: Sequence[Mapping[str, Any]], before: Mapping[str, float] | None,
                   after: Mapping[str, float] | None, out_png: str | os.PathLike) -> Path:
-    """Writes a PNG: reward, valid rate, table size and learnability curves, and before/after bars.
+    """Writes a PNG: the training curves (TRAINING_PANELS) on the top row and the held-out
+    evaluation before and after RL on the bottom row, one axis per unit (EVAL_PANELS).
 
     Args:
       records: the per-step metric dicts (from `read_jsonl`).
@@ -202,29 +245,33 @@ def plot_training(records: Sequence[Mapping[str, Any]], before: Mapping[str, flo
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    panels = (("reward_mean", "reward (mean over samples)"), ("valid_rate", "valid submission rate"),
-              ("table_size", "task table size"), ("lp_mean", "learnability potential (mean)"))
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    fig, axes = plt.subplots(2, len(TRAINING_PANELS), figsize=(4.4 * len(TRAINING_PANELS), 8))
     window = max(1, len(records) // 10)
-    for ax, (key, title) in zip(axes, panels):
-        ys = [r.get(key) for r in records]
-        pts = [(s, y) for s, y in zip(steps, ys) if isinstance(y, (int, float))]
-        if pts:
+    for ax, (title, keys) in zip(axes[0], TRAINING_PANELS):
+        for i, (key, label) in enumerate(keys):
+            pts = [(st, r[key]) for st, r in zip(steps, records) if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
             xs, vals = zip(*pts)
-            ax.plot(xs, vals, alpha=0.35, color="C0")
-            ax.plot(xs, _smooth(vals, window), color="C0")
+            ax.plot(xs, vals, alpha=0.25, color=f"C{i}")
+            ax.plot(xs, _smooth(vals, window), color=f"C{i}", label=label)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
-    ax = axes[-1]
-    if before and after:
-        names = [k for k in before if k in after]
+    for ax, (title, names) in zip(axes[1], EVAL_PANELS):
+        names = [k for k in names if before and after and _scalar(before.get(k)) is not None
+                 and _scalar(after.get(k)) is not None]
         x = np.arange(len(names))
-        ax.bar(x - 0.2, [before[k] for k in names], 0.4, label="before RL")
-        ax.bar(x + 0.2, [after[k] for k in names], 0.4, label="after RL")
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.legend()
-    ax.set_title("held-out evaluation")
+        if names:
+            ax.bar(x - 0.2, [before[k] for k in names], 0.4, label="before RL")
+            ax.bar(x + 0.2, [after[k] for k in names], 0.4, label="after RL")
+            ax.set_xticks(x)
+            ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+    for ax in axes[1][len(EVAL_PANELS):]:
+        ax.axis("off")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -411,11 +411,12 @@ class AceTrainer:
             history.append(self._after_step(ckpt, logger, metrics, t0, task_list))
         return history
 
-    def _group_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
+    def _group_metrics(self, groups: Sequence[Group], tasks: Mapping[int, TaskRef]) -> dict[str, float]:
         rewards = np.asarray([[s.reward for s in g.samples] for g in groups])
         out = group_metrics(rewards, [[s.extra["outcome"] for s in g.samples] for g in groups],
                             [[s.extra["medal"] for s in g.samples] for g in groups],
-                            np.asarray([[s.extra["success"] for s in g.samples] for g in groups]))
+                            np.asarray([[s.extra["success"] for s in g.samples] for g in groups]),
+                            depths=[tasks[id(g)].depth for g in groups])
         out["rollout_tokens"] = float(sum(len(t[1]) for g in groups for s in g.samples for t in s.extra["turns"]))
         return out
 
@@ -431,8 +432,9 @@ class AceTrainer:
                       if is_controller() else None)
             groups = broadcast_object(groups)
             t_roll = time.perf_counter() - t0
-            self._apply_groups(groups, {id(g): t for g, t in zip(groups, tasks)})
-            metrics = self._group_metrics(groups)
+            by_group = {id(g): t for g, t in zip(groups, tasks)}
+            self._apply_groups(groups, by_group)
+            metrics = self._group_metrics(groups, by_group)
             t1 = time.perf_counter()
             metrics.update(self._learn(groups, np.ones(len(groups), np.float32), np.zeros(len(groups), bool)))
             metrics.update(self._publish(self.engine.update_weights))
@@ -487,7 +489,7 @@ class AceTrainer:
                                           np.asarray(self.key)))
                 with self._lock:
                     self._apply_groups(batch.groups, tasks)
-                metrics = self._group_metrics(batch.groups)
+                metrics = self._group_metrics(batch.groups, tasks)
                 t1 = time.perf_counter()
                 metrics.update(self._learn(batch.groups, np.asarray(batch.staleness_weight), np.asarray(batch.is_stale)))
                 metrics.update(self._publish(pool.publish))

@@ -216,6 +216,25 @@ def test_group_metrics_match_numpy():
     assert m["zero_variance_frac"] == 0.5
     assert m["valid_rate"] == pytest.approx(2 / 6) and m["medal_rate"] == pytest.approx(1 / 6)
     assert m["outcome_invalid"] == pytest.approx(0.5)
+    assert "reward_mean_depth0" not in m  # without depths, no split
+
+
+def test_group_metrics_split_initial_states_from_deeper_ones():
+    rng = np.random.default_rng(2)
+    rewards = rng.normal(size=(5, 4))
+    outcomes = [[("valid", "invalid", "runtime_error")[j] for j in rng.integers(0, 3, 4)] for _ in range(5)]
+    depths = np.array([0, 2, 0, 1, 3])
+    m = group_metrics(rewards, outcomes, [[None] * 4] * 5, np.zeros((5, 4), bool), depths=depths)
+    valid = np.array([[o == "valid" for o in row] for row in outcomes], float)
+    assert m["reward_mean_depth0"] == pytest.approx(rewards[[0, 2]].mean())
+    assert m["reward_mean_deeper"] == pytest.approx(rewards[[1, 3, 4]].mean())
+    assert m["valid_rate_depth0"] == pytest.approx(valid[[0, 2]].mean())
+    assert m["valid_rate_deeper"] == pytest.approx(valid[[1, 3, 4]].mean())
+    only_initial = group_metrics(rewards, outcomes, [[None] * 4] * 5, np.zeros((5, 4), bool), depths=[0] * 5)
+    assert "reward_mean_deeper" not in only_initial and only_initial["reward_mean_depth0"] == pytest.approx(
+        rewards.mean())
+    with pytest.raises(ValueError, match="depths must be"):
+        group_metrics(rewards, outcomes, [[None] * 4] * 5, np.zeros((5, 4), bool), depths=[0, 1])
 
 
 def test_curriculum_metrics_depth_histogram_matches_brute_force():
@@ -231,12 +250,19 @@ def test_curriculum_metrics_depth_histogram_matches_brute_force():
     assert m["table_size"] == valid.sum()
     assert m["lp_mean"] == pytest.approx(lp[valid].mean())
     assert m["lp_sampled_mean"] == pytest.approx(lp[[0, 3]].mean())
+    assert (m["lp_sampled_min"], m["lp_sampled_max"]) == (pytest.approx(lp[[0, 3]].min()), pytest.approx(lp[[0, 3]].max()))
+    assert m["lp_q50"] == pytest.approx(np.median(lp[valid]))
+    assert m["sampled_depth_mean"] == pytest.approx(depth[[0, 3]].mean())
+    for d in range(5):
+        assert m[f"sampled_depth_{d}"] == sum(min(depth[r], 4) == d for r in (0, 3))
 
 
 def test_plot_training_writes_a_png(tmp_path):
-    records = [{"step": i, "reward_mean": -1 + i / 10, "valid_rate": i / 20, "table_size": 3 + i, "lp_mean": 0.1}
-               for i in range(1, 11)]
-    out = plot_training(records, {"valid_rate": 0.1}, {"valid_rate": 0.3}, tmp_path / "f.png")
+    records = [{"step": i, "reward_mean": -1 + i / 10, "valid_rate": i / 20, "table_size": 3 + i, "lp_mean": 0.1,
+                "reward_mean_depth0": -1 + i / 8, "sampled_depth_mean": i / 5} for i in range(1, 11)]
+    before = {"valid_rate": 0.1, "steps_to_first_valid_censored": 7.0, "mean_reward": -1.5}
+    after = {"valid_rate": 0.3, "steps_to_first_valid_censored": 3.0, "mean_reward": -0.5}
+    out = plot_training(records, before, after, tmp_path / "f.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(records)
 
