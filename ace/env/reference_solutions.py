@@ -292,6 +292,15 @@ def reference_scripts(comp: Competition, n: int | None = None, *, seed: int = 0)
     return [_render(spec, comp) for spec in specs]
 
 
+def mismatched_scripts(comp: Competition) -> list[ReferenceScript]:
+    """Scripts of the other population: regressors for a classification competition, classifiers
+    for a regression one, written for `comp`'s output rule. They fail the way a policy that
+    confuses the task fails (a classifier fit on a continuous target, a regressor asked for class
+    probabilities or writing non-integer labels), which gives the SFT corpus states to recover from."""
+    other = _CLASSIFIERS if _mode(comp) == "value" else _REGRESSORS
+    return [_render(spec, comp) for spec in other]
+
+
 def run_in_process(script: ReferenceScript, public_dir: Path) -> pd.DataFrame:
     """Run a reference script's `solve` in this process on `public_dir`'s CSVs.
 

@@ -167,7 +167,8 @@ def make_engine(params: Any, model_config: Any, cfg: Mapping[str, Any], *, max_b
 
 def format_before_after(before: Mapping[str, MeanSE], after: Mapping[str, MeanSE]) -> str:
     """The before/after table: one row per headline metric with its change (+ = better)."""
-    lines = [f"{'metric':<24}{'before RL':>18}{'after RL':>18}{'change':>10}"]
+    width = max(len(label) for _, label, _ in TABLE_ROWS) + 2
+    lines = [f"{'metric':<{width}}{'before RL':>18}{'after RL':>18}{'change':>10}"]
     lines.append("-" * len(lines[0]))
     for key, label, higher in TABLE_ROWS:
         b, a = before.get(key), after.get(key)
@@ -175,7 +176,7 @@ def format_before_after(before: Mapping[str, MeanSE], after: Mapping[str, MeanSE
             continue
         change = a.mean - b.mean if b.n and a.n else math.nan
         mark = "" if math.isnan(change) or change == 0 else (" ↑" if (change > 0) == higher else " ↓")
-        lines.append(f"{label:<24}{str(b):>18}{str(a):>18}{change:>+10.3f}{mark}")
+        lines.append(f"{label:<{width}}{str(b):>18}{str(a):>18}{change:>+10.3f}{mark}")
     return "\n".join(lines)
 
 

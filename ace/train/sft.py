@@ -48,7 +48,7 @@ from ace.train.sft_corpus import (EXAMPLE_KINDS, CandidateScript, SFTExample, bu
 from ace.train.sft_corpus import _publish
 
 # Bump when the corpus layout, script rendering or example construction changes (invalidates caches).
-SFT_FORMAT_VERSION = 2  # 2: prompts without wall-clock durations or workspace paths
+SFT_FORMAT_VERSION = 3  # 2: prompts without wall-clock durations or workspace paths; 3: sft.wrong_kind_first
 
 # Prompt limits that keep a state (with one or two past scripts) near 1k tokens of the tiny BPE.
 # Attention over [T, T] dominates the tiny model's cost, so the description is cut to its title,
@@ -277,6 +277,8 @@ class SFTConfig:
     tokenizer_split: the BPE's pre-tokenizer split (`ace.models.tokenizer.SPLIT_PATTERNS`);
     seed: seed of the corpus, the init and the shuffling (None = the run's seed), so RL runs
     with several seeds can start from one SFT policy;
+    wrong_kind_first: each competition first runs a script of the wrong kind, a state the corpus
+    then shows recovering from (`ace.train.sft_corpus.build_sft_corpus`);
     model: ModelConfig field overrides applied on top of SFT_TINY (for the `tiny` model).
     """
 
@@ -292,6 +294,7 @@ class SFTConfig:
     max_len: int = 1536
     workers: int = 2
     seed: int | None = None
+    wrong_kind_first: bool = False
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -303,6 +306,8 @@ class SFTConfig:
             raise ValueError(f"sft.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"sft.lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.wrong_kind_first, bool):
+            raise ValueError(f"sft.wrong_kind_first must be true or false, got {self.wrong_kind_first!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"sft.seed must be an int or null, got {self.seed!r}")
         if self.tokenizer_split not in SPLIT_PATTERNS:
@@ -386,7 +391,7 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
         base = _base_model_config(cfg_dict, sft)
     corpus_key = _digest({"format": SFT_FORMAT_VERSION, "suite": SUITE_VERSION, "suite_seed": env.get("suite_seed", 0),
                           "comps": [c.comp_id for c in comps], "scripts_per_comp": sft.scripts_per_comp,
-                          "improve_per_comp": sft.improve_per_comp,
+                          "improve_per_comp": sft.improve_per_comp, "wrong_kind_first": sft.wrong_kind_first,
                           "seed": seed, "prompt": dataclasses.asdict(COMPACT_PROMPT), "max_steps": max_steps})
     corpus_dir = Path(cache_root).expanduser() / corpus_key
     t0 = time.perf_counter()
@@ -394,7 +399,7 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
     examples = load_or_build_corpus(corpus_dir, comps, sandbox, scripts_per_comp=sft.scripts_per_comp,
                                     improve_per_comp=sft.improve_per_comp, seed=seed,
                                     prompt_cfg=COMPACT_PROMPT, max_steps=max_steps, exec_timeout_s=exec_timeout_s,
-                                    workers=sft.workers)
+                                    workers=sft.workers, wrong_kind_first=sft.wrong_kind_first)
     corpus_s = time.perf_counter() - t0
     if not train:
         tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=None, split=sft.tokenizer_split)

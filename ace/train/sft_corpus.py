@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from ace.env.agent import Action, AgentState, PromptConfig, build_messages, data_summary, format_action
 from ace.env.gym import MLEEnv
-from ace.env.reference_solutions import ReferenceScript, reference_scripts
+from ace.env.reference_solutions import ReferenceScript, mismatched_scripts, reference_scripts
 from ace.env.reward import RewardConfig
 
 
@@ -189,6 +189,7 @@ class _Run:
     outcome: str          # ace.env.reward OUTCOMES entry: "valid", "invalid", "runtime_error", ...
     score: float | None
     good: bool = False    # valid and strictly better than the leaderboard median
+    imitable: bool = True  # False for the wrong-kind run: a state to recover from, never a target
 
 
 def _run_competition(comp, sandbox, scripts: Sequence[CandidateScript], *, max_steps: int,
@@ -218,7 +219,8 @@ def _examples_for(comp, runs: Sequence[_Run], *, max_steps: int, prompt_cfg: Pro
         return SFTExample(msgs(state), action, comp.comp_id, kind, score)
 
     summary = data_summary(comp.public_dir, prompt_cfg)
-    valid = sorted((r for r in runs if r.score is not None), key=lambda r: r.score, reverse=comp.higher_is_better)
+    valid = sorted((r for r in runs if r.score is not None and r.imitable), key=lambda r: r.score,
+                   reverse=comp.higher_is_better)
     good = [r for r in valid if r.good] or valid[:1]
     if not good:
         return []  # nothing ran validly: no action worth imitating
@@ -251,7 +253,8 @@ def _examples_for(comp, runs: Sequence[_Run], *, max_steps: int, prompt_cfg: Pro
 
 def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, seed: int,
                      prompt_cfg: PromptConfig, max_steps: int, improve_per_comp: int,
-                     exec_timeout_s: float = 60.0, workers: int = 2) -> list[SFTExample]:
+                     exec_timeout_s: float = 60.0, workers: int = 2,
+                     wrong_kind_first: bool = False) -> list[SFTExample]:
     """Run a diverse set of compact reference scripts per competition for real and build the pairs.
 
     Args:
@@ -264,6 +267,10 @@ def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, se
       improve_per_comp: most improve pairs per competition (they have the longest prompts).
       exec_timeout_s: limit of one script run.
       workers: competitions run concurrently (threads; the sandbox runs subprocesses).
+      wrong_kind_first: run one script of the wrong kind first (a classifier on a regression task or
+        the reverse); its failure is the state of the first `improve` example, a recovery from the
+        error a policy makes when it confuses the task on an unseen competition. Off by default:
+        one main-job run each way did not separate it from noise (see the README).
     Returns:
       examples of kinds "initial", "improve" and "submit", grouped by competition in `comps` order.
     """
@@ -275,12 +282,16 @@ def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, se
 
     seeds = [seed * 1_000_003 + zlib.crc32(c.comp_id.encode()) for c in comps]
     # Scripts are rendered here, not in the workers: CPython 3.11's ast.parse is not thread-safe.
-    chosen = [select_diverse([compact_script(s, c) for s in reference_scripts(c)], scripts_per_comp, seed=s)
+    wrong = int(wrong_kind_first)
+    chosen = [select_diverse([compact_script(s, c) for s in mismatched_scripts(c)], 1, seed=s)[:wrong]
+              + select_diverse([compact_script(s, c) for s in reference_scripts(c)], scripts_per_comp, seed=s)
               for c, s in zip(comps, seeds)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(lambda c, scripts: _run_competition(
             c, sandbox, scripts, max_steps=max_steps, exec_timeout_s=exec_timeout_s, prompt_cfg=prompt_cfg),
             comps, chosen))
+    if wrong:  # the wrong-kind run is a state to recover from, never an action to imitate
+        runs = [[dataclasses.replace(r[0], imitable=False), *r[1:]] for r in runs]
     return [ex for c, r, s in zip(comps, runs, seeds)
             for ex in _examples_for(c, r, max_steps=max_steps, prompt_cfg=prompt_cfg,
                                     improve_per_comp=improve_per_comp, rng=random.Random(s))]

@@ -247,3 +247,24 @@ def test_sft_on_top_of_an_hf_policy_keeps_its_tokenizer_and_config(stage, comps,
     again = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False,
                               initial=(params, config, tokenizer, str(folder)))
     assert again.corpus_stats["cached_params"]
+
+
+def test_wrong_kind_first_gives_recovery_examples_and_is_never_imitated(comps):
+    from ace.env.agent import PromptConfig
+    from ace.env.reference_solutions import mismatched_scripts
+
+    with make_sandbox("subprocess") as sandbox:
+        examples = sft_corpus.build_sft_corpus(comps, sandbox, scripts_per_comp=2, seed=0, prompt_cfg=PromptConfig(),
+                                               max_steps=4, improve_per_comp=1, wrong_kind_first=True)
+    for comp in comps:
+        wrong = {sft_corpus.compact_script(s, comp).code for s in mismatched_scripts(comp)}
+        right = {sft_corpus.compact_script(s, comp).code for s in reference_scripts(comp)}
+        assert not wrong & right
+        mine = [e for e in examples if e.comp_id == comp.comp_id]
+        # No example imitates a wrong-kind script ...
+        assert not any(parse_action(e.action).argument in wrong for e in mine)
+        # ... and the one improve example starts from the wrong-kind run's state.
+        (improve,) = [e for e in mine if e.kind == "improve"]
+        shown = improve.messages[-1]["content"]
+        assert any(code.split("model = make_pipeline(")[1][:40] in shown for code in wrong)
+        assert parse_action(improve.action).argument in right
