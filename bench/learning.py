@@ -114,7 +114,7 @@ def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["variant"], r["metric"]): r for r in rows}
-    width = 22
+    width = 26  # "+0.458 [+0.412, +0.503]" and a gap
     header = f"{'variant':<18}" + "".join(f"{label:>{width}}" for _, label, _ in HEADLINE)
     lines = ["after RL (mean ± SE over training seeds)", header, "-" * len(header)]
     for v in variants:
