@@ -295,7 +295,7 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
                                  cfg=cfg, prompt_cfg=policy.prompt_cfg, submissions_dir=submissions_dir)
     full, lite = format_table(result.metrics), format_lite_table(result.metrics)
     table = lite if suite == "lite" else full
-    reports = write_reports(out_dir, comps, result.episodes, submissions_dir, result.metrics,
+    reports = write_reports(out_dir, comps, result.episodes, result.submission_paths, result.metrics,
                             tables={"table.txt": full, "lite_table.txt": lite})
     what = "MLE-bench-Lite" if suite == "lite" else suite
     print(f"\n{what} evaluation, {len(comps)} competitions (mean ± SE over "
@@ -306,14 +306,15 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
             "reports": reports, "out_dir": out_dir, "cfg": cfg}
 
 
-def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Sequence[Any]], submissions_dir: Path,
+def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Sequence[Any]],
+                  submission_paths: Mapping[tuple[int, str], Path | None],
                   metrics: Mapping[str, Any], *, tables: Mapping[str, str]) -> dict[int, Path]:
     """MLE-bench's grading report per seed, `metrics.json` and the tables, under `out_dir`.
 
     Args:
       comps: the competitions, in the order of each seed's episodes.
       episodes: {seed: [Episode]} (`EvalResult.episodes`).
-      submissions_dir: where `evaluate_policy` saved the best submissions (seed-<seed>/<comp_id>.csv).
+      submission_paths: {(seed, comp_id): the saved best submission, or None} (`EvalResult.submission_paths`).
       metrics: {name: MeanSE}; written as {name: {mean, se, n}} with null for nan.
       tables: {file name: text} written beside metrics.json.
     Returns:
@@ -327,7 +328,7 @@ def write_reports(out_dir: Path, comps: Sequence[Any], episodes: Mapping[int, Se
         if [ep.comp_id for ep in eps] != [c.comp_id for c in comps]:
             raise ValueError(f"seed {seed}: episodes are for {[ep.comp_id for ep in eps]}, expected the "
                              f"competitions {[c.comp_id for c in comps]} in that order")
-        reports = [competition_report(comp, ep.final_grade, submissions_dir / f"seed-{seed}" / f"{comp.comp_id}.csv")
+        reports = [competition_report(comp, ep.final_grade, submission_paths.get((int(seed), comp.comp_id)))
                    for comp, ep in zip(comps, eps)]
         paths[int(seed)] = write_grading_report(aggregate_reports(reports), out_dir / f"seed-{seed}")
     write_transcripts(episodes, out_dir / "transcripts")

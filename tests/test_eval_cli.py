@@ -118,7 +118,10 @@ def test_eval_is_deterministic_in_the_seeds_and_metrics_match_the_episodes(run_d
         for comp_report, ep, ok in zip(report["competition_reports"], eps, valid):
             assert comp_report["competition_id"] == ep.comp_id and comp_report["valid_submission"] == ok
             assert len(comp_report) == 16 and comp_report["gold_threshold"] is not None
-            assert comp_report["submission_path"].endswith(f"submissions/seed-{seed}/{ep.comp_id}.csv")
+            if ok:
+                assert comp_report["submission_path"].endswith(f"submissions/seed-{seed}/{ep.comp_id}.csv")
+            else:  # no valid submission, nothing saved: no path, as for a missing file
+                assert comp_report["submission_path"] is None and not comp_report["submission_exists"]
     metrics = json.loads((first["out_dir"] / "metrics.json").read_text())
     assert metrics["valid_rate"]["mean"] == pytest.approx(first["metrics"]["valid_rate"].mean)
     assert metrics["valid_rate"]["n"] == 2

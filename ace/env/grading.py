@@ -281,12 +281,12 @@ def _pair_rows(comp: Competition, sub: pd.DataFrame, answers: pd.DataFrame,
     id_col = comp.id_column
     if comp.rules.pairing == "sorted":
         # Both sides sorted by id and paired in order; the ids themselves are not compared.
-        order = np.argsort(_canonical_ids(sub[id_col]).to_numpy(), kind="stable")
-        true_order = np.argsort(_canonical_ids(answers[id_col]).to_numpy(), kind="stable")
+        ids = _canonical_ids(sub[id_col])
         placed = np.empty(len(sub), dtype=np.int64)
-        placed[true_order] = order
+        placed[np.argsort(_canonical_ids(answers[id_col]).to_numpy(), kind="stable")] = \
+            np.argsort(ids.to_numpy(), kind="stable")
         return (sub.iloc[placed].reset_index(drop=True), empty.iloc[placed].reset_index(drop=True),
-                _canonical_ids(sub[id_col]).iloc[placed].reset_index(drop=True))
+                ids.iloc[placed].reset_index(drop=True))
     if empty[id_col].any():
         rows = np.flatnonzero(empty[id_col].to_numpy()) + 1
         raise _Invalid("bad_ids", f"column {id_col!r} is empty in {len(rows)} rows, e.g. data rows {list(rows[:3])}")

@@ -283,7 +283,7 @@ def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, se
     seeds = [seed * 1_000_003 + zlib.crc32(c.comp_id.encode()) for c in comps]
     # Scripts are rendered here, not in the workers: CPython 3.11's ast.parse is not thread-safe.
     wrong = int(wrong_kind_first)
-    chosen = [select_diverse([compact_script(s, c) for s in mismatched_scripts(c)], 1, seed=s)[:wrong]
+    chosen = [(select_diverse([compact_script(s, c) for s in mismatched_scripts(c)], 1, seed=s) if wrong else [])
               + select_diverse([compact_script(s, c) for s in reference_scripts(c)], scripts_per_comp, seed=s)
               for c, s in zip(comps, seeds)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
