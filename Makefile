@@ -16,11 +16,11 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-run: $(PY) setup.py requirements.txt
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[run]"
 	touch $@
 
 $(VENV)/.installed-test: $(PY) setup.py requirements.txt
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[run,test]"
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run

@@ -36,6 +36,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "no_buffer": ("ablation=no_buffer",),
     "uniform_sampling": ("ablation=uniform_sampling",),
     "sync": ("ablation=sync",),
+    # Curriculum settings (not in the default study; run them with --variants ... --override
+    # eval.split=validation to choose on training competitions set aside, never on the held-out).
+    "reward_std": ("ablation=none", "curriculum.potential=reward_std"),
+    "sampler_temp_1": ("ablation=none", "curriculum.temperature=1.0"),
+    "G8": ("ablation=none", "train.group_size=8", "train.tasks_per_step=1"),
 }
 DEFAULT_VARIANTS = ("AceGRPO", "no_buffer", "uniform_sampling", "sync")
 FULL = "AceGRPO"
@@ -56,10 +61,11 @@ def compose_config(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Sequence[str] = (),
-                sft_seed: int | None = None) -> dict[str, Any]:
+                sft_seed: int | None = None, before: Any = None) -> dict[str, Any]:
     """One main-job run of `variant` with training seed `seed` and `steps` learner steps.
 
-    `sft_seed` fixes the seed of stage 1 (None = `seed`), so that runs share one cached SFT policy.
+    `sft_seed` fixes the seed of stage 1 (None = `seed`), so that runs share one cached SFT policy;
+    `before` is the evaluation of that policy before RL from an earlier run, reused.
 
     Returns:
       run_experiment's result: {"before", "after": {metric: MeanSE}, "learned", "metrics_path", ...}.
@@ -72,7 +78,7 @@ def run_variant(variant: str, *, seed: int, steps: int, out_dir: Path, extra: Se
         raise ValueError(f"steps must be >= 1, got {steps}")
     overrides = [*VARIANTS[variant], f"seed={seed}", f"train.steps={steps}", f"out_dir={out_dir}",
                  "progress=false", *([] if sft_seed is None else [f"sft.seed={sft_seed}"]), *extra]
-    return run_experiment(compose_config(overrides))
+    return run_experiment(compose_config(overrides), before=before)
 
 
 def summarize(results: Mapping[str, Sequence[Mapping[str, Any]]], *, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -201,11 +207,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     curves: dict[str, list[list[float]]] = {v: [] for v in args.variants}
     t0 = time.perf_counter()
+    # One SFT policy, one set of evaluation seeds: the evaluation before RL is the same for every
+    # run, so it is computed once.
+    before = None
     for variant in args.variants:
         for seed in args.seeds:
             t_run = time.perf_counter()
             res = run_variant(variant, seed=seed, steps=args.steps, out_dir=args.out / f"{variant}_seed{seed}",
-                              extra=args.override, sft_seed=sft_seed)
+                              extra=args.override, sft_seed=sft_seed, before=before)
+            if sft_seed is not None:
+                before = res["before_eval"]
             results[variant].append(res)
             curves[variant].append([r["reward_mean"] for r in read_jsonl(res["metrics_path"]) if "reward_mean" in r])
             print(f"[bench] {variant} seed {seed}: valid {res['after']['valid_rate'].mean:.3f}, any-medal "

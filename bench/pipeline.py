@@ -135,7 +135,7 @@ def real_system(args) -> tuple[float, float]:
     from omegaconf import OmegaConf
 
     from ace.curriculum import CurriculumConfig
-    from ace.env.sandbox import make_sandbox
+    from ace.env.sandboxes import make_sandbox
     from ace.train.engines import open_engine
     from ace.train.experiment import load_competitions, prompt_config, reward_config
     from ace.train.metrics import read_jsonl

@@ -263,7 +263,7 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
       {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str (the printed
       table), "reports": {seed: path of its grading report}, "out_dir": Path, "cfg": dict}.
     """
-    from ace.env.sandbox import make_sandbox
+    from ace.env.sandboxes import make_sandbox
     from ace.eval import format_lite_table, format_table
     from ace.train.experiment import evaluate_policy
 

@@ -24,7 +24,7 @@ def success_variance_potential(table: TaskTable, *, optimistic_value: float, ste
 
     p(1-p) is the variance of a Bernoulli success: it is 0 for tasks always or never solved (their
     GRPO group advantages are all zero, so they teach nothing) and peaks at the frontier p = 1/2
-    (DESIGN.md, "Learnability Potential"). A task never tried gets `optimistic_value`.
+    (docs/architecture.md, "Learnability Potential"). A task never tried gets `optimistic_value`.
 
     Args:
       table: TaskTable of capacity C.

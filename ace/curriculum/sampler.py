@@ -28,7 +28,7 @@ def sampling_probs(table: TaskTable, *, temperature, eps_uniform, potential: str
 
     The softmax over LP / temperature concentrates draws on the frontier as temperature -> 0; the
     eps-uniform mixture keeps every task's probability >= eps / N_valid, so no task starves
-    (DESIGN.md, "Learnability Potential").
+    (docs/architecture.md, "Learnability Potential").
 
     Args:
       table: TaskTable of capacity C.

@@ -1,10 +1,10 @@
 """Host-side TaskStore: the text payload of every live task, keyed by task id.
 
-The array table holds numbers only (DESIGN.md, invariant 2). The store mirrors it: after every
-`insert`, `apply_insert(result, payloads)` adds the payloads of added tasks and drops those of
-evicted ones, so the store's ids always equal the table's live task ids (`check_consistent`). The
-store does no file I/O: `state_dict()` / `from_state_dict()` exchange plain JSON-able data with the
-trainer's checkpointer.
+The array table holds numbers only (docs/architecture.md, "Invariants", 2). The store mirrors it:
+after every `insert`, `apply_insert(result, payloads)` adds the payloads of added tasks and drops
+those of evicted ones, so the store's ids always equal the table's live task ids
+(`check_consistent`). The store does no file I/O: `state_dict()` / `from_state_dict()` exchange
+plain JSON-able data with the trainer's checkpointer.
 """
 from __future__ import annotations
 

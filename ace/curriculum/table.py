@@ -1,8 +1,8 @@
 """TaskTable: the array-backed task buffer, a pytree of fixed-capacity columns.
 
-The table holds numbers only (DESIGN.md, invariant 2); the text of each task lives in the host-side
-`TaskStore`, keyed by `task_id`. Capacity `C` is the static leading dimension of every column, so
-every function over a table compiles once per capacity.
+The table holds numbers only (docs/architecture.md, "Invariants", 2); the text of each task lives
+in the host-side `TaskStore`, keyed by `task_id`. Capacity `C` is the static leading dimension of
+every column, so every function over a table compiles once per capacity.
 """
 from __future__ import annotations
 

@@ -250,8 +250,10 @@ def _render(spec: _Spec, comp: Competition) -> ReferenceScript:
     mode = _mode(comp)
     needs_proba = mode.startswith("proba")
     model = spec.model.replace("{proba}", str(needs_proba))
-    # Clipping only matters for log loss, where one confident mistake costs -log(eps).
-    clip = 1e-3 if comp.metric == "log_loss" else 0.0
+    # Every probability is clipped to [1e-3, 1 - 1e-3]: under log loss one confident mistake would
+    # cost -log(eps), and a script that infers its output rule from the files (the SFT corpus's, see
+    # ace.train.sft_corpus) cannot tell log loss from AUC, so the rule must not depend on the metric.
+    clip = 1e-3 if needs_proba else 0.0
     header = (
         f'"""Reference solution {spec.name!r} for competition {comp.comp_id!r} '
         f"({comp.metric}).\n\nReads ./data/, writes ./submission/submission.csv.\n\"\"\"\n"

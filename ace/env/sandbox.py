@@ -3,6 +3,7 @@
 Workspace layout (the same for every backend): the script runs with cwd = workspace root; public data is
 at ``./data/`` (read-only); the script writes ``./submission/submission.csv``; scratch files go anywhere
 else in the workspace. Private answers never enter a workspace: the grader runs outside the sandbox.
+The docker backend is `ace.env.docker_sandbox`; `ace.env.sandboxes.make_sandbox` picks one by name.
 
 Two isolation levels for ``SubprocessSandbox`` (``.isolation`` says which one is active):
 
@@ -162,17 +163,6 @@ class Sandbox(Protocol):
     def __enter__(self) -> "Sandbox": ...
 
     def __exit__(self, *exc) -> None: ...
-
-
-def make_sandbox(kind: Literal["subprocess", "docker"], **kwargs) -> Sandbox:
-    """Builds the sandbox backend named by config (``env.sandbox``)."""
-    if kind == "subprocess":
-        return SubprocessSandbox(**kwargs)
-    if kind == "docker":
-        from ace.env.docker_sandbox import DockerSandbox
-
-        return DockerSandbox(**kwargs)
-    raise ValueError(f"sandbox kind {kind!r}: expected 'subprocess' or 'docker'")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ q_proj [L, D, H, Dh], gate_proj [L, E, D, Fe], ... (see `ace.models.qwen3`).
 
 Loading streams one shard at a time and copies each tensor into its slice of a preallocated stacked
 host array, so the checkpoint is never held twice in host memory; a leaf goes to its devices (with the
-sharding from `ace.models.sharding.param_shardings` when a mesh is given) as soon as its last slice
+sharding from `ace.models.qwen3.param_shardings` when a mesh is given) as soon as its last slice
 arrives, and its host buffer is dropped. transformers 5 keeps experts fused in memory
 (`mlp.experts.gate_up_proj` [E, 2*Fe, D], `mlp.experts.down_proj` [E, D, Fe]); a folder saved in that
 layout (`save_original_format=False`) is detected by its key names and loads too. Export always
@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ace.models.configs import ModelConfig
-from ace.models.qwen3 import abstract_params
+from ace.models.qwen3 import abstract_params, param_shardings
 from ace.models.sharding import to_host
 
 CONFIG_FILE = "config.json"
@@ -226,7 +226,6 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, *
     shapes = {k: v.shape for k, v in _flat_leaves(abstract_params(config)).items()}
     shardings = {}
     if mesh is not None:
-        from ace.models.sharding import param_shardings
         shardings = _flat_leaves(param_shardings(config, mesh))
     pending = {leaf: 0 for leaf in shapes}
     for spec in specs.values():

@@ -10,7 +10,7 @@ F dense MLP hidden, E experts, Fe expert hidden, k experts per token, V vocab, L
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from flax import nnx
 from ace.models import moe
 from ace.models.attention import attention
 from ace.models.configs import ModelConfig
-from ace.models.sharding import constrain
+from ace.models.sharding import RULES, constrain, logical_to_sharding
 
 INIT_STD = 0.02  # HF `initializer_range` default for Qwen3
 
@@ -123,6 +123,29 @@ def _init_params_jit(config: ModelConfig, key: jax.Array) -> dict:
 def abstract_params(config: ModelConfig) -> dict:
     """`jax.ShapeDtypeStruct` per param, without allocating anything."""
     return jax.eval_shape(lambda k: _init_params_jit(config, k), jax.random.key(0))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh,
+                    rules: Mapping[str, Any] = RULES) -> dict:
+    """The params tree of `config` with a `NamedSharding` per leaf (no allocation: shapes via eval_shape).
+
+    A mesh axis that does not divide a dimension is dropped for that dimension (see
+    `ace.models.sharding.logical_to_spec`); `ace.train.dry_run.strict_param_shardings` reports it instead.
+    """
+    shapes = abstract_params(config)
+    axes = param_logical_axes(config)
+    return jax.tree.map(lambda ax, s: logical_to_sharding(ax, mesh, rules, s.shape), axes, shapes,
+                        is_leaf=_is_axes)
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: jax.sharding.Mesh,
+                 rules: Mapping[str, Any] = RULES) -> dict:
+    """Places `params` onto `mesh` with the shardings of `param_shardings`."""
+    return jax.device_put(params, param_shardings(config, mesh, rules))
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

@@ -1,7 +1,9 @@
-"""One table of logical axis -> mesh axis rules, mesh construction, and param shardings.
+"""One table of logical axis -> mesh axis rules, mesh construction, and activation constraints.
 
 Model code names logical axes only (`embed`, `heads`, `experts`, `batch`, ...). Changing a
-parallelism layout means editing `RULES` (or passing another table), never the model code.
+parallelism layout means editing `RULES` (or passing another table), never the model code. This
+module knows no model: the shardings of a model's params are computed where its logical axes are
+defined (`ace.models.qwen3.param_shardings`), so the model imports the rules and never the reverse.
 """
 from __future__ import annotations
 
@@ -117,25 +119,6 @@ def logical_to_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[s
                         shape: Sequence[int] | None = None) -> NamedSharding:
     """A `NamedSharding` on `mesh` for an array whose dimensions carry these logical axis names."""
     return NamedSharding(mesh, logical_to_spec(axes, dict(mesh.shape), shape, rules))
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
-def param_shardings(config, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
-    """The params tree of `config` with a `NamedSharding` per leaf (no allocation: shapes via eval_shape)."""
-    from ace.models.qwen3 import abstract_params, param_logical_axes
-
-    shapes = abstract_params(config)
-    axes = param_logical_axes(config)
-    return jax.tree.map(lambda ax, s: logical_to_sharding(ax, mesh, rules, s.shape), axes, shapes,
-                        is_leaf=_is_axes)
-
-
-def shard_params(params: dict, config, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
-    """Places `params` onto `mesh` with the shardings of `param_shardings`."""
-    return jax.device_put(params, param_shardings(config, mesh, rules))
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import numpy as np
 from ace.models import qwen3
 from ace.models.configs import ModelConfig
 from ace.models.logprobs import output_weight
-from ace.models.sharding import shard_params, use_mesh
+from ace.models.sharding import use_mesh
 from ace.rollout.engine import Generation, SamplingParams
 
 _SEED_MODULUS = 2 ** 32  # jax.random.key takes a uint32 seed
@@ -163,7 +163,7 @@ class JaxSampler:
     def _place(self, params):
         if self.mesh is None:
             return params
-        return shard_params(params, self.config, self.mesh)
+        return qwen3.shard_params(params, self.config, self.mesh)
 
     def update_weights(self, params: Any, version: int) -> None:
         """Swaps in `params` (same tree, shapes and dtypes) as policy `version` (>= the current one)."""

@@ -180,7 +180,7 @@ def strict_param_shardings(model_config: ModelConfig, mesh: Mesh | AbstractMesh,
                            rules: Mapping[str, Any] = RULES) -> dict:
     """A NamedSharding per param leaf exactly as the rules table asks, checked for divisibility.
 
-    `ace.models.sharding.param_shardings` quietly replicates a dimension that a mesh axis does not
+    `ace.models.qwen3.param_shardings` quietly replicates a dimension that a mesh axis does not
     divide; a dry run must instead report it, because on the real cluster that leaf would be copied
     on every device. Raises ShardingCheckError listing every offending leaf.
     """

@@ -200,8 +200,9 @@ def check_multi_process(cfg: Mapping[str, Any]) -> None:
 
 
 def load_competitions(cfg: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
-    """(training, held-out) competitions of `env.kind` (builtin | mlebench), cut to the first
-    `train.competitions` / `eval.competitions` when those are set. Fails before any other work when
+    """(training, evaluation) competitions of `env.kind` (builtin | mlebench), cut to the first
+    `train.competitions` / `eval.competitions` when those are set. With `eval.split=validation` the
+    evaluation competitions are `env.validation`, taken out of the training ones. Fails before any other work when
     `env.data_dir` holds no prepared competition."""
     env = cfg["env"]
     kind = env["kind"]
@@ -232,6 +233,21 @@ def load_competitions(cfg: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
                              f"{root} (prepared: {prepared[:10]})")
     else:
         raise ValueError(f"env.kind={kind!r}: expected 'builtin' or 'mlebench'")
+    split = cfg["eval"].get("split", "held_out")
+    if split == "validation":
+        # Settings are chosen on training competitions set aside, never on the held-out ones.
+        names = [str(v) for v in (env.get("validation") or [])]
+        by_id = {c.comp_id: c for c in train}
+        unknown = [n for n in names if n not in by_id]
+        if not names or unknown:
+            raise ValueError(f"eval.split=validation needs env.validation: a non-empty list of training "
+                             f"competitions; got {names!r} (not training competitions: {unknown}; "
+                             f"training: {sorted(by_id)})")
+        held_out = [by_id[n] for n in names]
+        train = [c for c in train if c.comp_id not in names]
+    elif split != "held_out":
+        raise ValueError(f"eval.split={split!r}: expected 'held_out' (final numbers) or 'validation' "
+                         "(env.validation, taken out of training)")
     n_train, n_eval = cfg["train"].get("competitions"), cfg["eval"].get("competitions")
     if n_train:
         train = train[:int(n_train)]
@@ -253,7 +269,7 @@ def _save_run_policy_files(out_dir: Path, policy: Any) -> None:
     policy.tokenizer.save(out_dir / "tokenizer")
 
 
-def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, Any]:
     """The main job (see the module docstring). `cfg` is the composed config as a plain dict.
 
     One path for every scale; the config picks the parts:
@@ -262,11 +278,15 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
                      `ace.train.policy`,
       rollout.kind   jax_sampler (embedded) | sglang (servers launched or given by URL, router),
       mesh / learner.gpus / distributed   the learner's devices (see `ace.train.devices`).
+    `before` is the evaluation before RL (`EvalResult`) when the caller already has it from a run
+    of the same policy on the same competitions and seeds (bench/learning.py's variants share one
+    SFT policy); it is then reused rather than recomputed.
     Returns:
-      {"before", "after": {metric: MeanSE}, "learned": bool, "metrics_path", "figure_path", "out_dir"}.
+      {"before", "after": {metric: MeanSE}, "before_eval": EvalResult, "learned": bool, "metrics_path",
+       "figure_path", "out_dir"}.
     """
     from ace.curriculum import CurriculumConfig
-    from ace.env.sandbox import make_sandbox
+    from ace.env.sandboxes import make_sandbox
     from ace.train.devices import describe_split, init_distributed, learner_mesh, restrict_learner_gpus
     from ace.train.engines import open_engine, open_mirror_engine
     from ace.train.multihost import barrier, is_controller
@@ -296,7 +316,8 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     mesh = learner_mesh(cfg)
     seeds = [int(s) for s in cfg["eval"]["seeds"]]
-    say(f"[ace] {len(train_comps)} training and {len(held_out)} held-out competitions ({cfg['env']['kind']}); "
+    eval_kind = "validation" if cfg["eval"].get("split") == "validation" else "held-out"
+    say(f"[ace] {len(train_comps)} training and {len(held_out)} {eval_kind} competitions ({cfg['env']['kind']}); "
         f"output in {out_dir}", flush=True)
     say(describe_split(mesh, cfg, learner_gpus), flush=True)
     with (make_sandbox(cfg["env"]["sandbox"]) if controller else contextlib.nullcontext()) as sandbox:
@@ -324,10 +345,13 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
         with opener(cfg, policy, out_dir, max_batch=tcfg.group_size, mesh=mesh) as run_engine:
             engine = run_engine.engine
             t0 = time.perf_counter()
-            before = (evaluate_policy(policy.params, policy.model_config, policy.tokenizer, held_out, sandbox,
-                                      seeds=seeds, cfg=cfg, engine=engine, env_factory=env_factory)
-                      if controller else None)
-            if controller:
+            reused = before is not None
+            if controller and not reused:
+                before = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, held_out, sandbox,
+                                         seeds=seeds, cfg=cfg, engine=engine, env_factory=env_factory)
+            if controller and reused:
+                say(f"[ace] held-out evaluation before RL: reused, valid {before.metrics['valid_rate']}", flush=True)
+            elif controller:
                 say(f"[ace] held-out evaluation before RL ({time.perf_counter() - t0:.0f}s): "
                     f"valid {before.metrics['valid_rate']}, reward {before.metrics['mean_reward']}", flush=True)
             trainer = AceTrainer(tcfg, ccfg, params=policy.params, model_config=policy.model_config,
@@ -366,5 +390,6 @@ def run_experiment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     say(format_before_after(before_m, after_m))
     say(f"\nlearned (reward up and valid or medal rate up): {summary['learned']}")
     say(f"metrics: {metrics_path}\nfigure:  {figure}\ntotal time: {summary['wall_s']:.0f}s", flush=True)
-    return {"before": before_m, "after": after_m, "learned": summary["learned"], "metrics_path": metrics_path,
+    return {"before": before_m, "after": after_m, "before_eval": before, "learned": summary["learned"],
+            "metrics_path": metrics_path,
             "figure_path": figure, "out_dir": out_dir}

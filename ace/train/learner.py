@@ -32,8 +32,8 @@ import optax
 
 from ace.models.configs import ModelConfig
 from ace.models.logprobs import model_token_logprobs
-from ace.models.qwen3 import abstract_params
-from ace.models.sharding import RULES, logical_to_sharding, param_shardings, use_mesh
+from ace.models.qwen3 import abstract_params, param_shardings
+from ace.models.sharding import RULES, logical_to_sharding, use_mesh
 from ace.rl import kl_penalty, policy_loss
 from ace.rl.registry import KL_ESTIMATORS
 from ace.train.multihost import put_global

@@ -5,7 +5,7 @@ complete group of G samples, never a single sample and never part of a group. Ea
 the policy version that produced it; at release time the learner's current version decides whether
 a group is fresh, or stale (older than `max_staleness` versions), in which case it is dropped or
 kept and marked for truncated importance ratios, as the queue's policy says. Every decision is
-counted in `metrics()` so nothing is silently mixed (DESIGN invariant 3).
+counted in `metrics()` so nothing is silently mixed (docs/architecture.md, "Invariants", 3).
 """
 from __future__ import annotations
 

@@ -43,12 +43,14 @@ from ace.models.sharding import RULES, logical_to_sharding, use_mesh
 from ace.models.tokenizer import SPLIT_PATTERNS, Tokenizer, train_tiny_tokenizer
 from ace.train.learner import LearnerConfig, LearnerState, init_learner, make_optimizer, state_shardings
 from ace.train.learner import _schedule as learning_rate_schedule  # the optimizer's own schedule, for logging
-from ace.train.sft_corpus import (EXAMPLE_KINDS, CandidateScript, SFTExample, build_sft_corpus,  # noqa: F401
-                                  compact_script, corpus_stats, load_or_build_corpus, select_diverse)
+from ace.train.sft_corpus import (EXAMPLE_KINDS, SFTExample, build_sft_corpus,  # noqa: F401
+                                  corpus_stats, load_or_build_corpus)
 from ace.train.sft_corpus import _publish
+from ace.train.sft_scripts import CandidateScript, compact_script, select_diverse  # noqa: F401
 
 # Bump when the corpus layout, script rendering or example construction changes (invalidates caches).
-SFT_FORMAT_VERSION = 3  # 2: prompts without wall-clock durations or workspace paths; 3: sft.wrong_kind_first
+# 2: prompts without wall-clock durations or workspace paths; 3: sft.wrong_kind_first; 4: sft.infer_task
+SFT_FORMAT_VERSION = 4
 
 # Prompt limits that keep a state (with one or two past scripts) near 1k tokens of the tiny BPE.
 # Attention over [T, T] dominates the tiny model's cost, so the description is cut to its title,
@@ -279,6 +281,8 @@ class SFTConfig:
     with several seeds can start from one SFT policy;
     wrong_kind_first: each competition first runs a script of the wrong kind, a state the corpus
     then shows recovering from (`ace.train.sft_corpus.build_sft_corpus`);
+    infer_task: the corpus's scripts read the task type and output rule from the competition's
+    files instead of having them written in (`ace.train.sft_scripts.compact_script`);
     model: ModelConfig field overrides applied on top of SFT_TINY (for the `tiny` model).
     """
 
@@ -295,6 +299,7 @@ class SFTConfig:
     workers: int = 2
     seed: int | None = None
     wrong_kind_first: bool = False
+    infer_task: bool = True
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -306,8 +311,9 @@ class SFTConfig:
             raise ValueError(f"sft.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"sft.lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.wrong_kind_first, bool):
-            raise ValueError(f"sft.wrong_kind_first must be true or false, got {self.wrong_kind_first!r}")
+        for name in ("wrong_kind_first", "infer_task"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"sft.{name} must be true or false, got {getattr(self, name)!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"sft.seed must be an int or null, got {self.seed!r}")
         if self.tokenizer_split not in SPLIT_PATTERNS:
@@ -392,6 +398,7 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
     corpus_key = _digest({"format": SFT_FORMAT_VERSION, "suite": SUITE_VERSION, "suite_seed": env.get("suite_seed", 0),
                           "comps": [c.comp_id for c in comps], "scripts_per_comp": sft.scripts_per_comp,
                           "improve_per_comp": sft.improve_per_comp, "wrong_kind_first": sft.wrong_kind_first,
+                          "infer_task": sft.infer_task,
                           "seed": seed, "prompt": dataclasses.asdict(COMPACT_PROMPT), "max_steps": max_steps})
     corpus_dir = Path(cache_root).expanduser() / corpus_key
     t0 = time.perf_counter()
@@ -399,7 +406,8 @@ def run_sft_stage(cfg_dict: Mapping[str, Any], comps: Sequence[Any], sandbox, *,
     examples = load_or_build_corpus(corpus_dir, comps, sandbox, scripts_per_comp=sft.scripts_per_comp,
                                     improve_per_comp=sft.improve_per_comp, seed=seed,
                                     prompt_cfg=COMPACT_PROMPT, max_steps=max_steps, exec_timeout_s=exec_timeout_s,
-                                    workers=sft.workers, wrong_kind_first=sft.wrong_kind_first)
+                                    workers=sft.workers, wrong_kind_first=sft.wrong_kind_first,
+                                    infer_task=sft.infer_task)
     corpus_s = time.perf_counter() - t0
     if not train:
         tokenizer = train_corpus_tokenizer(examples, vocab_size=sft.vocab_size, out_dir=None, split=sft.tokenizer_split)

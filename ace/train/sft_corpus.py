@@ -1,20 +1,18 @@
 """The SFT corpus of stage 1: (state -> action) pairs from real, graded runs of compact reference scripts.
 
 For each training competition the reference population (`ace.env.reference_solutions`) is rewritten as
-compact scripts (same model, preprocessing, feature choice and output rule, in ~700 characters so that a
-complete script fits the tiny policy's generation budget); a diverse subset is run in the sandbox through
+compact scripts (`ace.train.sft_scripts`: same model, preprocessing, feature choice and predictions, short
+enough for the tiny policy's generation budget); a diverse subset is run in the sandbox through
 `MLEEnv`, graded, and turned into `initial`, `improve` and `submit` examples. `ace.train.sft` trains on them.
 Their prompts come from `ace.env.agent.build_messages`, the renderer of RL and evaluation, over states
 that `MLEEnv` recorded, so SFT, RL and evaluation prompts have one layout and none shows a duration.
 """
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import dataclasses
 import json
 import random
-import re
 import shutil
 import time
 import zlib
@@ -23,144 +21,13 @@ from typing import Any, Sequence
 
 from ace.env.agent import Action, AgentState, PromptConfig, build_messages, data_summary, format_action
 from ace.env.gym import MLEEnv
-from ace.env.reference_solutions import ReferenceScript, mismatched_scripts, reference_scripts
+from ace.env.reference_solutions import mismatched_scripts, reference_scripts
 from ace.env.reward import RewardConfig
+from ace.train.sft_scripts import CandidateScript, compact_script, select_diverse
 
 
 EXAMPLE_KINDS = ("initial", "improve", "submit")
 
-
-# --- compact scripts --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class CandidateScript:
-    """A complete compact solution script and what makes it different from its siblings."""
-
-    name: str
-    code: str
-    family: str                    # the estimator class (the inner one of a target transformer)
-    preprocess: tuple[str, ...]    # preprocessing step classes, in order
-    features: str                  # all | half | first | first2
-
-
-_FEATURE_LINES = {"all": None, "half": "feats = feats[: max(1, len(feats) // 2)]",
-                  "first": "feats = feats[:1]", "first2": "feats = feats[:2]"}
-
-
-def _script_constants(code: str) -> tuple[dict, dict]:
-    """Module-level literal constants and `from m import name` bindings of a reference script."""
-    constants, imports = {}, {}
-    for node in ast.parse(code).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                constants[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                continue
-        elif isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                imports[alias.asname or alias.name] = node.module
-    return constants, imports
-
-
-def _called_names(expr: str) -> list[str]:
-    return [n.func.id for n in ast.walk(ast.parse(expr, mode="eval"))
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-
-
-# Size names a reference expression may use, as the compact script computes them.
-_SIZE_NAMES = {"n_features": "len(feats)", "n_samples": "len(train)"}
-
-
-def _bind_sizes(expr: str) -> str:
-    return re.sub(r"\b(" + "|".join(_SIZE_NAMES) + r")\b", lambda m: _SIZE_NAMES[m.group(1)], expr)
-
-
-def compact_script(script: ReferenceScript, comp: Any) -> CandidateScript:
-    """Rewrite a reference script as a short script with the same predictions.
-
-    Keeps the reference's estimator, preprocessing expressions, feature selection and output rule
-    (labels, P(class 1) as the last `predict_proba` column, renormalised class probabilities with
-    the log-loss clip, or values); only the generic `solve` scaffolding is dropped.
-    """
-    constants, imports = _script_constants(script.code)
-    missing = {"MODE", "CLIP", "FEATURES", "MULTI_NATIVE", "PREPROCESS", "MODEL"} - set(constants)
-    if missing:
-        raise ValueError(f"reference script {script.name!r} lacks the constants {sorted(missing)}")
-    mode, clip = constants["MODE"], float(constants["CLIP"])
-    pre = [_bind_sizes(e) for e in constants["PREPROCESS"]]
-    model = _bind_sizes(constants["MODEL"])
-    if mode == "value" and len(comp.target_columns) > 1 and not constants["MULTI_NATIVE"]:
-        model = f"MultiOutputRegressor({model})"
-    called = sorted({n for e in (*pre, model) for n in _called_names(e) if n in imports})
-    by_module: dict[str, list[str]] = {}
-    for name in called:
-        by_module.setdefault(imports[name], []).append(name)
-    lines = ["import os", "import pandas as pd", "from sklearn.pipeline import make_pipeline",
-             *(f"from {m} import {', '.join(ns)}" for m, ns in sorted(by_module.items())), "",
-             'train = pd.read_csv("data/train.csv")', 'test = pd.read_csv("data/test.csv")',
-             'sub = pd.read_csv("data/sample_submission.csv")', "out = list(sub.columns[1:])",
-             "feats = [c for c in test.columns if c != sub.columns[0]]"]
-    if constants["FEATURES"] not in _FEATURE_LINES:
-        raise ValueError(f"reference script {script.name!r}: FEATURES={constants['FEATURES']!r}, expected "
-                         f"one of {sorted(_FEATURE_LINES)}")
-    if _FEATURE_LINES[constants["FEATURES"]]:
-        lines.append(_FEATURE_LINES[constants["FEATURES"]])
-    lines += ["target = [c for c in train.columns if c not in test.columns]",
-              f"model = make_pipeline({', '.join([*pre, model])})",
-              "model.fit(train[feats].values, train[target].values.squeeze())",
-              "X = test[feats].values"]
-    if mode == "label":
-        lines.append("sub[out[0]] = model.predict(X)")
-    elif mode == "value":
-        lines.append("sub[out] = model.predict(X).reshape(len(X), -1)")
-    elif mode == "proba_binary":
-        lines.append("sub[out[0]] = model.predict_proba(X)[:, -1]" + (f".clip({clip}, {1 - clip})" if clip else ""))
-    elif mode == "proba_multi":
-        lines += ["proba = pd.DataFrame(model.predict_proba(X), columns=[str(c) for c in model.classes_])",
-                  "proba = proba.reindex(columns=out, fill_value=0.0)" + (f".clip({clip}, 1.0)" if clip else ""),
-                  "sub[out] = proba.div(proba.sum(axis=1), axis=0).values"]
-    else:
-        raise ValueError(f"reference script {script.name!r}: MODE={mode!r}, expected label | value | "
-                         "proba_binary | proba_multi")
-    lines += ['os.makedirs("submission", exist_ok=True)', 'sub.to_csv("submission/submission.csv", index=False)']
-    estimator = _called_names(constants["MODEL"])
-    family = estimator[1] if estimator[0] == "TransformedTargetRegressor" and len(estimator) > 1 else estimator[0]
-    steps = tuple(n for e in constants["PREPROCESS"] for n in _called_names(e)[:1])
-    return CandidateScript(name=script.name, code="\n".join(lines) + "\n", family=family, preprocess=steps,
-                           features=constants["FEATURES"])
-
-
-def select_diverse(candidates: Sequence[CandidateScript], n: int, *, seed: int) -> list[CandidateScript]:
-    """Pick `n` scripts, spreading over model families first, then over (preprocessing, features).
-
-    Round r takes, in a seeded random order, one unseen (family, preprocess, features) variant of
-    each family that still has one, so the first min(n, #families) picks are distinct families.
-    Dummy predictors are left out: they teach nothing a first attempt should do.
-    """
-    pool = [c for c in candidates if not c.family.startswith("Dummy")]
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"n={n}, expected 1 <= n <= {len(pool)} (non-dummy candidates)")
-    rng = random.Random(seed)
-    by_family: dict[str, list[CandidateScript]] = {}
-    for c in rng.sample(pool, len(pool)):
-        by_family.setdefault(c.family, []).append(c)
-    for name, family in by_family.items():
-        # Distinct (preprocess, features) variants first, repeats of a variant (other hyperparameters) last.
-        distinct, repeats, seen = [], [], set()
-        for c in family:
-            (repeats if (c.preprocess, c.features) in seen else distinct).append(c)
-            seen.add((c.preprocess, c.features))
-        by_family[name] = distinct + repeats
-    picked: list[CandidateScript] = []
-    families = rng.sample(sorted(by_family), len(by_family))
-    while len(picked) < n:
-        for family in families:
-            if by_family[family] and len(picked) < n:
-                picked.append(by_family[family].pop(0))
-    return picked
-
-
-# --- corpus -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class SFTExample:
@@ -254,7 +121,7 @@ def _examples_for(comp, runs: Sequence[_Run], *, max_steps: int, prompt_cfg: Pro
 def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, seed: int,
                      prompt_cfg: PromptConfig, max_steps: int, improve_per_comp: int,
                      exec_timeout_s: float = 60.0, workers: int = 2,
-                     wrong_kind_first: bool = False) -> list[SFTExample]:
+                     wrong_kind_first: bool = False, infer_task: bool = False) -> list[SFTExample]:
     """Run a diverse set of compact reference scripts per competition for real and build the pairs.
 
     Args:
@@ -271,6 +138,8 @@ def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, se
         the reverse); its failure is the state of the first `improve` example, a recovery from the
         error a policy makes when it confuses the task on an unseen competition. Off by default:
         one main-job run each way did not separate it from noise (see the README).
+      infer_task: scripts that read the task type and output rule from the competition's files
+        (`compact_script`); the wrong-kind script keeps its kind written in, so that it fails.
     Returns:
       examples of kinds "initial", "improve" and "submit", grouped by competition in `comps` order.
     """
@@ -284,7 +153,8 @@ def build_sft_corpus(comps: Sequence[Any], sandbox, *, scripts_per_comp: int, se
     # Scripts are rendered here, not in the workers: CPython 3.11's ast.parse is not thread-safe.
     wrong = int(wrong_kind_first)
     chosen = [(select_diverse([compact_script(s, c) for s in mismatched_scripts(c)], 1, seed=s) if wrong else [])
-              + select_diverse([compact_script(s, c) for s in reference_scripts(c)], scripts_per_comp, seed=s)
+              + select_diverse([compact_script(s, c, infer_task=infer_task) for s in reference_scripts(c)],
+                               scripts_per_comp, seed=s)
               for c, s in zip(comps, seeds)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(lambda c, scripts: _run_competition(

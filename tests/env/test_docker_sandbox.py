@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from ace.env.sandbox import SandboxError, SandboxLimits, make_sandbox
+from ace.env.sandbox import SandboxError, SandboxLimits
+from ace.env.sandboxes import make_sandbox
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,8 @@ import ace.env.namespace_launcher
 import ace.env.sandbox
 import ace.env.sandbox_guards
 from ace.env.sandbox_guards import BoundedOutput
-from ace.env.sandbox import (
-    SandboxLimits, SubprocessSandbox, Workspace, make_sandbox,
-)
+from ace.env.sandbox import SandboxLimits, SubprocessSandbox, Workspace
+from ace.env.sandboxes import make_sandbox
 
 LIMITS = SandboxLimits(wall_time_s=10, cpu_time_s=10, memory_mb=512, max_processes=32, max_file_mb=8,
                        max_output_bytes=4000, max_workspace_mb=32)

@@ -8,8 +8,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from ace.models import checkpoint
 from ace.models.configs import TINY
-from ace.models.qwen3 import abstract_params
-from ace.models.sharding import make_mesh, param_shardings
+from ace.models.qwen3 import abstract_params, param_shardings
+from ace.models.sharding import make_mesh
 
 
 def _mesh(shape: dict) -> Mesh:

@@ -12,8 +12,8 @@ from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ace.models import hf
-from ace.models.qwen3 import abstract_params, forward
-from ace.models.sharding import make_mesh, param_shardings, use_mesh
+from ace.models.qwen3 import abstract_params, forward, param_shardings
+from ace.models.sharding import make_mesh, use_mesh
 from ace.models.tokenizer import Tokenizer
 from tests.support.tiny_hf import save_tiny_qwen3, save_tiny_tokenizer
 

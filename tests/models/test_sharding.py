@@ -8,8 +8,8 @@ import pytest
 
 from ace.models import QWEN3_30B_A3B, TINY, abstract_params, forward, init_params
 from ace.models.logprobs import model_token_logprobs
-from ace.models.sharding import (MESH_AXES, RULES, logical_to_sharding, logical_to_spec, make_mesh,
-                                 param_shardings, shard_params, use_mesh)
+from ace.models.qwen3 import param_shardings, shard_params
+from ace.models.sharding import MESH_AXES, RULES, logical_to_sharding, logical_to_spec, make_mesh, use_mesh
 
 MESHES = [{"fsdp": 8}, {"fsdp": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]
 

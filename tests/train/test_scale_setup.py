@@ -165,3 +165,19 @@ def test_ace30b_dry_run_fits_the_h200_it_names_and_says_so(capsys):
     per_param = (report.params_master_bytes + report.grads_bytes + report.opt_state_bytes
                  + report.params_compute_bytes) * 4 / report.num_params
     np.testing.assert_allclose(per_param, 4 + 4 + 2 + 4 + 2, rtol=1e-3)
+
+
+def test_validation_split_sets_training_competitions_aside(tmp_path):
+    data = write_mlebench_folder(tmp_path / "mleb")
+    cfg = _cfg(["env=mlebench", f"env.data_dir={data}", "eval.split=validation", f"env.validation=[{THREE_LITE[1]}]"])
+    train, held = load_competitions(cfg)
+    assert [c.comp_id for c in held] == [THREE_LITE[1]]
+    assert sorted(c.comp_id for c in train) == sorted({*THREE_LITE} - {THREE_LITE[1]})
+    builtin_train, builtin_val = load_competitions(_cfg(["eval.split=validation"]))
+    default_val = ["friedman-response", "moons-noisy", "gaussian-quantiles"]
+    assert [c.comp_id for c in builtin_val] == default_val
+    assert len(builtin_train) == 9 and not {c.comp_id for c in builtin_train} & set(default_val)
+    with pytest.raises(ValueError, match=r"env.validation.*'digits-parity'"):
+        load_competitions(_cfg(["eval.split=validation", "env.validation=[digits-parity]"]))
+    with pytest.raises(ValueError, match="eval.split='test'"):
+        load_competitions(_cfg(["eval.split=test"]))

@@ -9,7 +9,7 @@ import pytest
 
 from ace.env.agent import parse_action, render_prompt
 from ace.env.reference_solutions import reference_scripts
-from ace.env.sandbox import make_sandbox
+from ace.env.sandboxes import make_sandbox
 from ace.env.suites import get_competition, reference_leaderboard
 from ace.models import qwen3
 from ace.models.configs import TINY
@@ -85,7 +85,7 @@ def test_corpus_scores_equal_the_suite_leaderboard_of_the_same_reference(stage, 
     _, _, examples = stage
     for comp in comps:
         board = reference_leaderboard(comp.comp_id)
-        names = {sft.compact_script(s, comp).code: s.name for s in reference_scripts(comp)}
+        names = {sft.compact_script(s, comp, infer_task=True).code: s.name for s in reference_scripts(comp)}
         checked = 0
         for e in examples:
             if e.comp_id == comp.comp_id and e.kind != "submit":
