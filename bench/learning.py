@@ -32,15 +32,15 @@ sys.path.insert(0, str(REPO))
 
 # Variant name -> Hydra overrides (the ablation config groups of hydra_configs/ablation/).
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "AceGRPO": ("ablation=none",),
+    "AceGRPO": ("ablation=full",),
     "no_buffer": ("ablation=no_buffer",),
     "uniform_sampling": ("ablation=uniform_sampling",),
     "sync": ("ablation=sync",),
     # Curriculum settings (not in the default study; run them with --variants ... --override
     # eval.split=validation to choose on training competitions set aside, never on the held-out).
-    "reward_std": ("ablation=none", "curriculum.potential=reward_std"),
-    "sampler_temp_1": ("ablation=none", "curriculum.temperature=1.0"),
-    "G8": ("ablation=none", "train.group_size=8", "train.tasks_per_step=1"),
+    "reward_std": ("ablation=full", "curriculum.potential=reward_std"),
+    "sampler_temp_1": ("ablation=full", "curriculum.temperature=1.0"),
+    "G8": ("ablation=full", "train.group_size=8", "train.tasks_per_step=1"),
 }
 DEFAULT_VARIANTS = ("AceGRPO", "no_buffer", "uniform_sampling", "sync")
 FULL = "AceGRPO"

@@ -58,6 +58,7 @@ def test_cli_rejects_unknown_key():
 
 @pytest.mark.parametrize("overrides, children, sync, sampler", [
     ([], True, False, "learnability"),
+    (["ablation=full"], True, False, "learnability"),
     (["ablation=no_buffer"], False, False, "learnability"),
     (["ablation=sync"], True, True, "learnability"),
     (["ablation=uniform_sampling"], True, False, "uniform"),

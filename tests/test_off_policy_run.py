@@ -20,7 +20,7 @@ def sft_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["sync", "none"])
+@pytest.mark.parametrize("ablation", ["sync", "full"])
 def test_kl_and_routing_replay_run_to_completion_and_log_their_metrics(tmp_path, sft_cache, ablation):
     out = tmp_path / "run"
     cmd = [sys.executable, "experiments/run.py", "+exp=tiny_smoke", f"out_dir={out}", f"sft.cache_dir={sft_cache}",

@@ -1,5 +1,5 @@
 """Training: the host-side rollout queue, the rollout pool, the learner and the AceGRPO loop."""
 from ace.train.pool import RolloutPool, RolloutWorkerError
-from ace.train.queue import Batch, Group, QueueClosed, RolloutQueue, Sample
+from ace.train.queue import Group, GroupBatch, QueueClosed, RolloutQueue, Sample
 
-__all__ = ["Batch", "Group", "QueueClosed", "RolloutPool", "RolloutQueue", "RolloutWorkerError", "Sample"]
+__all__ = ["Group", "GroupBatch", "QueueClosed", "RolloutPool", "RolloutQueue", "RolloutWorkerError", "Sample"]

@@ -108,7 +108,7 @@ class Group:
 
 
 @dataclasses.dataclass(frozen=True)
-class Batch:
+class GroupBatch:
     """N whole groups released together for one learner step.
 
     Attributes:
@@ -267,7 +267,7 @@ class RolloutQueue:
             self._put_block_s += time.monotonic() - t0
 
     # ------------------------------------------------------------------ consumer
-    def get_batch(self, n_groups: int, *, current_version: int, timeout: float | None = None) -> Batch:
+    def get_batch(self, n_groups: int, *, current_version: int, timeout: float | None = None) -> GroupBatch:
         """Waits for `n_groups` complete groups that pass the staleness policy and returns them.
 
         Stale groups met on the way are dropped (policy "drop") before they count. Raises
@@ -331,7 +331,7 @@ class RolloutQueue:
             self._ready = kept
             self._cond.notify_all()
 
-    def _make_batch(self, groups: list[Group], current_version: int) -> Batch:
+    def _make_batch(self, groups: list[Group], current_version: int) -> GroupBatch:
         n, g_max = len(groups), max(g.group_size for g in groups)
         # Groups of one batch may differ in size only if producers chose so; pad with -1.
         sample_staleness = np.full((n, g_max), -1, dtype=np.int64)
@@ -349,7 +349,7 @@ class RolloutQueue:
         self._staleness_sum += int(sample_staleness[valid].sum())
         self._staleness_n += int(valid.sum())
         self._staleness_max = max(self._staleness_max, int(staleness.max()))
-        return Batch(groups=groups, current_version=current_version, sample_staleness=sample_staleness,
+        return GroupBatch(groups=groups, current_version=current_version, sample_staleness=sample_staleness,
                      staleness=staleness, is_stale=is_stale, staleness_weight=weight)
 
     # ------------------------------------------------------------------ lifecycle and metrics
