@@ -378,7 +378,7 @@ def _learner_config_from_cfg(cfg: Mapping[str, Any]) -> LearnerConfig:
     """The learner config the real run would build (`TrainerConfig`, which validates every train.* key)."""
     from ace.train.trainer import TrainerConfig
 
-    return TrainerConfig.from_cfg(cfg).learner_config()
+    return TrainerConfig.from_cfg(cfg).learner
 
 
 def dry_run_device_count(cfg: Mapping[str, Any]) -> tuple[int, str]:

@@ -328,11 +328,11 @@ def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, A
         say(f"[ace] {what} ready in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
         if controller:
             _save_run_policy_files(out_dir, policy)
-        if tcfg.routing_replay and not policy.model_config.is_moe:
+        if tcfg.learner.routing_replay and not policy.model_config.is_moe:
             raise ValueError(f"train.routing_replay=true needs an MoE policy; this one is dense (num_experts="
                              f"{policy.model_config.num_experts}): set train.routing_replay=false")
         ref_params = None
-        if tcfg.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
+        if tcfg.learner.kl_coef > 0 and cfg["model"].get("ref_hf_path"):
             from ace.models.hf import load_hf_params
             check_hf_folder(cfg["model"]["ref_hf_path"], dtype=cfg["model"].get("dtype"))
             ref_params, _ = load_hf_params(Path(cfg["model"]["ref_hf_path"]).expanduser(), policy.model_config,

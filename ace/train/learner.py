@@ -43,6 +43,16 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+class LearnerConfigError(ValueError):
+    """A LearnerConfig field out of range. `field`, `value` and `expected` are kept apart so that a
+    caller that built the config from other names (the trainer, from Hydra's `train.*` keys) can
+    name the key its user wrote."""
+
+    def __init__(self, field: str, value: Any, expected: str):
+        super().__init__(f"LearnerConfig.{field} must be {expected}, got {value!r}")
+        self.field, self.value, self.expected = field, value, expected
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     """Optimiser and loss settings, validated at construction.
@@ -97,7 +107,7 @@ class LearnerConfig:
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
             if not ok:
-                raise ValueError(f"LearnerConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise LearnerConfigError(name, getattr(self, name), expected)
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)

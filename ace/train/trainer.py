@@ -125,26 +125,25 @@ class AceTrainer:
         stop = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
         self.sampling = cfg.sampling(stop)
         self.sampler = get_sampler(curriculum.sampler)
-        self.lcfg = cfg.learner_config()
-        self._train_step = jit_train_step(self.lcfg, model_config, mesh)
-        self._old_logp = jit_logprobs(self.lcfg, model_config, mesh)
+        self._train_step = jit_train_step(cfg.learner, model_config, mesh)
+        self._old_logp = jit_logprobs(cfg.learner, model_config, mesh)
         self.after_publish = after_publish
         self._potential = jax.jit(functools.partial(
             learnability, potential=curriculum.potential, optimistic_value=curriculum.optimistic_value))
         self.rows_per_batch = self._round_up(cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout,
-                                             cfg.micro_batches * cfg.minibatches)
+                                             cfg.learner.micro_batches * cfg.learner.minibatches)
         self.seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
         self._lock = threading.Lock()  # the curriculum: task_source (workers) vs learner updates
         key = jax.random.PRNGKey(cfg.seed)
         learner_key, self.key = jax.random.split(key)
-        self.learner = init_learner(params, self.lcfg, learner_key)
+        self.learner = init_learner(params, cfg.learner, learner_key)
         if mesh is not None:
-            self.learner = shard_state(self.learner, self.lcfg, model_config, mesh)
+            self.learner = shard_state(self.learner, cfg.learner, model_config, mesh)
         # The KL reference stays frozen for the whole run (a compute-dtype copy, as the dry run counts).
         self.ref_params = None
-        if cfg.kl_coef > 0:
+        if cfg.learner.kl_coef > 0:
             src = params if ref_params is None else ref_params
-            dtype = jnp.dtype(cfg.compute_dtype)
+            dtype = jnp.dtype(cfg.learner.compute_dtype)
             self.ref_params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                            src)
         self.table, self.store = self._initial_curriculum()
@@ -292,7 +291,7 @@ class AceTrainer:
         pad_to = min(self.seq_len, self._round_up(longest, SEQ_BUCKET))
         batch = make_batch(rows + [filler] * pad, np.asarray(row_adv + [0.0] * pad, np.float32), pad_to=pad_to,
                            sample_weights=np.asarray(row_w + [0.0] * pad, np.float32))
-        if cfg.routing_replay and batch.routing is None:
+        if cfg.learner.routing_replay and batch.routing is None:
             raise RuntimeError("train.routing_replay=true but the rollout engine returned no routing: it needs an "
                                "MoE policy and an engine asked for routed experts (rollout.return_routing)")
         if cfg.recompute_proximal:

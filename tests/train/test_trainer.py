@@ -77,7 +77,7 @@ def _cfg(**kw):
                 max_prompt_tokens=PROMPT_TOKENS, max_steps=2, sync=True, checkpoint_every=1, stepwise=True,
                 warmup_steps=0, schedule="constant", workers=2, exec_workers=1)
     base.update(kw)
-    return TrainerConfig(**base)
+    return TrainerConfig.from_keys(**base)
 
 
 CURRICULUM = CurriculumConfig(sampler="learnability", potential="success_variance", temperature=0.1,
@@ -204,6 +204,23 @@ def test_trainer_config_rejects_bad_values_with_their_names():
         _cfg(staleness_policy="keep")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainerConfig.from_cfg({"train": {"bogus": 1}, "rollout": {}, "env": {}, "ablation": {}, "seed": 0})
+    # The learner's settings are checked by LearnerConfig, but named by the train.* key the user wrote.
+    with pytest.raises(ValueError, match=r"^train\.loss_agg='sum'"):
+        _cfg(loss_agg="sum")
+    with pytest.raises(ValueError, match=r"^train\.micro_batches=0"):
+        _cfg(micro_batches=0)
+    with pytest.raises(ValueError, match=r"^rollout\.temperature=-1"):
+        _cfg(temperature=-1.0)
+
+
+def test_trainer_config_holds_the_learner_config_of_the_train_keys():
+    cfg = _cfg(steps=5, lr=1e-3, loss_agg="seq_mean_token_sum_norm", adam_mu_dtype="bfloat16", temperature=0.7)
+    learner = cfg.learner
+    assert (learner.lr, learner.agg, learner.mu_dtype, learner.temperature) == (1e-3, "seq_mean_token_sum_norm",
+                                                                                "bfloat16", 0.7)
+    assert learner.total_steps == 5 and learner.norm_len == NEW_TOKENS  # Dr. GRPO's constant: the longest action
+    with pytest.raises(ValueError, match="rollout.temperature"):  # one distribution for every logprob
+        dataclasses.replace(cfg, temperature=1.0)
 
 
 def test_group_metrics_match_numpy():
@@ -333,7 +350,7 @@ def test_off_policy_machinery_on_an_moe_policy(tmp_path, tokenizer, monkeypatch)
     trainer._train_step = spy_step
     history = trainer.run()
     assert queues[0].reweight_decay == 0.25 and queues[0].policy == "reweight"
-    lcfg = trainer.lcfg
+    lcfg = trainer.cfg.learner
     assert lcfg.temperature == 0.7 and lcfg.routing_replay and lcfg.dual_clip == 3.0
     for start_params, batch in seen:
         assert batch.routing is not None and batch.routing.shape[0] == MOE_MODEL.num_layers
