@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from ace.curriculum import TaskStore, init_table
+from ace.curriculum import init_table
+from ace.curriculum.store import TaskStore
 from ace.env.agent import AgentState, PromptConfig, build_messages
 from ace.env.suites import load_suite
 from ace.eval import METRICS

@@ -16,9 +16,10 @@ What counts as an edge, and why:
     that is the case where a name is read from a half-initialised package.
 Self-imports are ignored; anything outside `ace` is ignored.
 
-It also checks the layering between packages that docs/architecture.md describes: the pure core
-(`ace.rl`, `ace.curriculum`) and `ace.env`, `ace.models` import no other ace package, `ace.rollout`
-only `ace.models`, and only `ace.train` wires them together.
+It also checks the layering between packages that docs/architecture.md describes: `ace.core` (the
+checks and registries) imports nothing of ace; the pure core (`ace.rl`, `ace.curriculum`) and
+`ace.env`, `ace.models` import no other ace package but `ace.core`, `ace.rollout` only `ace.models`
+besides, and only `ace.train` wires them together.
 """
 from __future__ import annotations
 
@@ -143,15 +144,19 @@ def cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
 
 # Which other ace packages each package may import: the layering of docs/architecture.md
 # ("Packages and what each owns"). `ace` is the top-level `ace/__init__.py`.
+# `ace.core` (checks and registries) is the lowest layer: it imports nothing of ace, and any package
+# may import it.
+_CORE = {"ace.core"}
 ALLOWED_PACKAGE_IMPORTS = {
     "ace": set(),
-    "ace.rl": set(),
-    "ace.curriculum": set(),
-    "ace.env": set(),
-    "ace.models": set(),
-    "ace.eval": set(),
-    "ace.rollout": {"ace.models"},
-    "ace.train": {"ace.rl", "ace.curriculum", "ace.env", "ace.models", "ace.eval", "ace.rollout"},
+    "ace.core": set(),
+    "ace.rl": _CORE,
+    "ace.curriculum": _CORE,
+    "ace.env": _CORE,
+    "ace.models": _CORE,
+    "ace.eval": _CORE,
+    "ace.rollout": _CORE | {"ace.models"},
+    "ace.train": _CORE | {"ace.rl", "ace.curriculum", "ace.env", "ace.models", "ace.eval", "ace.rollout"},
 }
 
 
@@ -211,6 +216,12 @@ def test_known_edges_are_seen():
     assert "ace.models.sharding" in graph["ace.models.qwen3"]
     assert "ace.rl.losses" in graph["ace.rl"]  # a package __init__ re-exporting its submodule
     assert "ace.env.docker_sandbox" in graph["ace.env.sandboxes"]
+
+
+def test_core_is_the_bottom_layer():
+    graph = {"ace.core.checks": {"ace.rl.losses"}, "ace.rl.losses": {"ace.core.checks"}}
+    bad = layering_violations(graph)
+    assert len(bad) == 1 and bad[0].startswith("ace.core.checks imports ace.rl.losses"), bad
 
 
 def test_sibling_cycle_hidden_in_a_function_fails(tmp_path):

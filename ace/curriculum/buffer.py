@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ace.core.checks import check_indices, check_scalar, is_concrete
 from ace.curriculum.potential import DEFAULT_OPTIMISTIC_VALUE, get_potential, learnability
 from ace.curriculum.table import NO_TASK, TaskRows, TaskTable, check_table
 from ace.curriculum.topk import top_k
-from ace.curriculum.validation import check_indices, check_scalar, is_concrete
 
 # InsertResult.status codes, one per candidate row.
 PADDING = 0  # rows.valid was False: nothing happened.

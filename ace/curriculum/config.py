@@ -26,9 +26,9 @@ class CurriculumConfig:
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"curriculum.sampler={self.sampler!r}; expected one of {sorted(SAMPLERS)}")
+            raise ValueError(f"curriculum.sampler={self.sampler!r}; expected one of {list(SAMPLERS.names())}")
         if self.potential not in POTENTIALS:
-            raise ValueError(f"curriculum.potential={self.potential!r}; expected one of {sorted(POTENTIALS)}")
+            raise ValueError(f"curriculum.potential={self.potential!r}; expected one of {list(POTENTIALS.names())}")
         for key in ("temperature", "uniform_mix", "optimistic_value"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -54,6 +54,6 @@ class CurriculumConfig:
         return cls(**{k: cfg[k] for k in names})
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `SAMPLERS[self.sampler]` (add `step`)."""
+        """Keyword arguments of `get_sampler(self.sampler)` (add `step`)."""
         return {"temperature": self.temperature, "eps_uniform": self.uniform_mix,
                 "potential": self.potential, "optimistic_value": self.optimistic_value}

@@ -1,8 +1,9 @@
 """Learnability Potentials: how much a task is worth practising now, one formula per function.
 
 Every potential has the signature `fn(table, *, optimistic_value, step) -> [C] float32` and is
-registered in `POTENTIALS` under the name the config uses (`curriculum.potential`). Values on empty
-rows are meaningless (0); samplers and eviction mask them.
+registered in `POTENTIALS` under the name the config uses (`curriculum.potential`; a new one
+plugs in with `register_potential`). Values on empty rows are meaningless (0); samplers and
+eviction mask them.
 """
 from __future__ import annotations
 
@@ -11,14 +12,29 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ace.core.registry import Registry
 from ace.curriculum.table import TaskTable, check_table
 
 # p(1-p) peaks at p = 1/2 with value 1/4; a never-tried task is assumed to sit at the frontier.
 DEFAULT_OPTIMISTIC_VALUE = 0.25
 
 Potential = Callable[..., jax.Array]
+# Config key `curriculum.potential` -> potential; `register_potential` adds one.
+POTENTIALS = Registry("curriculum.potential")
 
 
+def register_potential(name: str):
+    """Decorator: registers `fn(table, *, optimistic_value, step) -> [C] float32` as potential `name`."""
+    return POTENTIALS.register(name)
+
+
+def get_potential(name: str) -> Potential:
+    """The potential registered under `name` (config key `curriculum.potential`); an unknown name
+    raises listing the registered ones."""
+    return POTENTIALS.get(name)
+
+
+@register_potential("success_variance")
 def success_variance_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
     """LP = p(1 - p), p = success rate of the task's latest group of attempts.
 
@@ -39,6 +55,7 @@ def success_variance_potential(table: TaskTable, *, optimistic_value: float, ste
     return jnp.where(table.visits > 0, p * (1.0 - p), jnp.float32(optimistic_value)).astype(jnp.float32)
 
 
+@register_potential("reward_std")
 def reward_std_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
     """LP = population std of the rewards of the task's latest group (continuous variant).
 
@@ -59,26 +76,12 @@ def reward_std_potential(table: TaskTable, *, optimistic_value: float, step=None
                      jnp.float32(optimistic_value)).astype(jnp.float32)
 
 
-POTENTIALS: dict[str, Potential] = {
-    "success_variance": success_variance_potential,
-    "reward_std": reward_std_potential,
-}
-
-
-def get_potential(name: str) -> Potential:
-    """The potential registered under `name` (config key `curriculum.potential`)."""
-    try:
-        return POTENTIALS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown curriculum.potential {name!r}; expected one of {sorted(POTENTIALS)}") from None
-
-
 def learnability(table: TaskTable, *, potential: str, optimistic_value: float, step=None) -> jax.Array:
     """The Learnability Potential of every row, by registered name.
 
     Args:
       table: TaskTable of capacity C.
-      potential: a name in `POTENTIALS`.
+      potential: a registered potential name (`POTENTIALS`).
       optimistic_value: LP of never-tried tasks.
       step: current trainer step (for potentials that depend on age); may be None.
 

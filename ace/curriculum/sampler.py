@@ -2,8 +2,9 @@
 
 Every sampler has the signature
   `fn(key, table, n, *, temperature, eps_uniform, potential, optimistic_value, step) -> [n] int32`
-and is registered in `SAMPLERS` under its config name (`curriculum.sampler`). Samplers draw without
-replacement with the Gumbel-top-k trick, so the returned order is the order of successive draws.
+and is registered in `SAMPLERS` under its config name (`curriculum.sampler`; a new one plugs in
+with `register_sampler`). Samplers draw without replacement with the Gumbel-top-k trick, so the
+returned order is the order of successive draws.
 """
 from __future__ import annotations
 
@@ -14,12 +15,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ace.core.checks import check_scalar, is_concrete
+from ace.core.registry import Registry
 from ace.curriculum.potential import DEFAULT_OPTIMISTIC_VALUE, get_potential, learnability
 from ace.curriculum.table import TaskTable, check_table
 from ace.curriculum.topk import top_k
-from ace.curriculum.validation import check_scalar, is_concrete
 
 Sampler = Callable[..., jax.Array]
+# Config key `curriculum.sampler` -> sampler; `register_sampler` adds one.
+SAMPLERS = Registry("curriculum.sampler")
+
+
+def register_sampler(name: str):
+    """Decorator: registers a function with the signature of `sample` as sampler `name`."""
+    return SAMPLERS.register(name)
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler registered under `name` (config key `curriculum.sampler`); an unknown name
+    raises listing the registered ones."""
+    return SAMPLERS.get(name)
 
 
 def sampling_probs(table: TaskTable, *, temperature, eps_uniform, potential: str,
@@ -34,7 +49,7 @@ def sampling_probs(table: TaskTable, *, temperature, eps_uniform, potential: str
       table: TaskTable of capacity C.
       temperature: tau > 0.
       eps_uniform: mixing weight of the uniform distribution, in [0, 1].
-      potential: a name in `ace.curriculum.potential.POTENTIALS`.
+      potential: a registered potential (`ace.curriculum.potential.POTENTIALS`).
       optimistic_value: LP of never-tried tasks.
       step: current trainer step, passed to the potential.
 
@@ -127,6 +142,7 @@ def _check_sample_args(key, table: TaskTable, n) -> None:
                              f"{n_valid} valid rows")
 
 
+@register_sampler("learnability")
 def sample(key: jax.Array, table: TaskTable, n: int, *, temperature, eps_uniform, potential: str,
            optimistic_value=DEFAULT_OPTIMISTIC_VALUE, step=None) -> jax.Array:
     """Draws n distinct valid rows with first-draw probabilities `sampling_probs(...)`.
@@ -151,6 +167,7 @@ def sample(key: jax.Array, table: TaskTable, n: int, *, temperature, eps_uniform
                                 optimistic_value, step)
 
 
+@register_sampler("uniform")
 def sample_uniform(key: jax.Array, table: TaskTable, n: int, *, temperature=None, eps_uniform=None,
                    potential=None, optimistic_value=None, step=None) -> jax.Array:
     """Draws n distinct valid rows uniformly (the `uniform` ablation); LP options are ignored.
@@ -162,16 +179,3 @@ def sample_uniform(key: jax.Array, table: TaskTable, n: int, *, temperature=None
     _check_sample_args(key, table, n)
     return _sample_uniform(key, table, int(n))
 
-
-SAMPLERS: dict[str, Sampler] = {
-    "learnability": sample,
-    "uniform": sample_uniform,
-}
-
-
-def get_sampler(name: str) -> Sampler:
-    """The sampler registered under `name` (config key `curriculum.sampler`)."""
-    try:
-        return SAMPLERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown curriculum.sampler {name!r}; expected one of {sorted(SAMPLERS)}") from None

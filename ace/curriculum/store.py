@@ -9,7 +9,6 @@ plain JSON-able data with the trainer's checkpointer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from typing import Any, Iterator, Sequence
 
@@ -19,18 +18,6 @@ from ace.curriculum.buffer import ADDED, DROPPED, MERGED, PADDING, STATUS_NAMES,
 from ace.curriculum.table import TaskTable
 
 STATE_DICT_VERSION = 1
-
-
-def state_hash(text: str) -> np.ndarray:
-    """A stable 64-bit hash of a task's text state, as [2] uint32 (BLAKE2b, little-endian words).
-
-    Stable across processes and Python versions (unlike `hash()`), so merged duplicates survive a
-    checkpoint-restore.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"state_hash takes the task's text state as str, got {type(text).__name__}")
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)

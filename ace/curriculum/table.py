@@ -6,6 +6,7 @@ every column, so every function over a table compiles once per capacity.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import jax
@@ -163,6 +164,18 @@ def make_rows(parent_ids, competition_ids, depths, state_hashes, *, pad_to: int 
         depth=padded(deps, 0, np.int32),
         state_hash=padded(hashes.astype(np.uint32), 0, np.uint32),
     )
+
+
+def state_hash(text: str) -> np.ndarray:
+    """A stable 64-bit hash of a task's text state, as [2] uint32 (BLAKE2b, little-endian words).
+
+    Stable across processes and Python versions (unlike `hash()`), so merged duplicates survive a
+    checkpoint-restore.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"state_hash takes the task's text state as str, got {type(text).__name__}")
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
 
 
 def check_table(table: TaskTable) -> int:

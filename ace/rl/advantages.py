@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ace.core.checks import as_float_array, check_scalar, check_static_int, is_concrete
 from ace.rl.registry import ADVANTAGES, DURATION_NORMALIZERS, register_advantage
-from ace.rl.shapes import as_float_array, check_static_int, check_static_number, is_concrete
 
 
 class GroupAdvantages(NamedTuple):
@@ -79,7 +79,7 @@ def group_advantages(rewards, group_size: int, *, mode: str, eps: float = 1e-6) 
     """
     estimator = ADVANTAGES.get(mode)
     group_size = check_static_int(group_size, "group_size", low=2)
-    check_static_number(eps, "eps", low=0.0)
+    check_scalar(eps, "eps", low=0.0)
     rewards = as_float_array(rewards, "rewards")
     if rewards.ndim == 1:
         if rewards.shape[0] % group_size:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ace.core.checks import as_float_array, check_rank, check_scalar, check_shape
 from ace.rl.registry import AGGREGATIONS, register_aggregation
-from ace.rl.shapes import as_float_array, check_rank, check_shape, check_static_number
 
 
 @register_aggregation("token_mean")
@@ -62,7 +62,7 @@ def aggregate_loss(per_token, mask, *, agg: str, norm_len=None) -> jax.Array:
     if agg == "seq_mean_token_sum_norm":
         if norm_len is None:
             norm_len = per_token.shape[1]
-        check_static_number(norm_len, "norm_len", low=0.0, low_inclusive=False)
+        check_scalar(norm_len, "norm_len", low=0.0, low_inclusive=False)
     elif norm_len is not None:
         raise ValueError(f"norm_len={norm_len!r} only applies to agg='seq_mean_token_sum_norm', "
                          f"got agg={agg!r}")

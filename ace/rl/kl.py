@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ace.core.checks import as_float_array, check_shape
 from ace.rl.registry import KL_ESTIMATORS, register_kl
-from ace.rl.shapes import as_float_array, check_shape
 
 # exp(20) ≈ 5e8 keeps r finite in float32 for any token; verl clamps the same way. Beyond it the
 # value saturates and the gradient with respect to log r is 0.

@@ -19,14 +19,25 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from ace.core.checks import as_float_array, check_rank, check_scalar, check_shape
 from ace.rl.aggregation import aggregate_loss
 from ace.rl.registry import AGGREGATIONS, register_policy_loss
-from ace.rl.shapes import (as_float_array, broadcast_per_sequence, check_rank, check_shape,
-                           check_static_number)
 
 
 def _masked_mean(x: jax.Array, keep: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(count, 1.0)
+
+
+def _per_token(x: jax.Array, shape: Tuple[int, int], name: str) -> jax.Array:
+    """A per-sequence [B] or per-token [B, T] array, broadcast to [B, T] (a sequence's advantage
+    applies to each of its tokens)."""
+    batch, length = shape
+    if x.shape == (batch,):
+        return jnp.broadcast_to(x[:, None], shape)
+    if x.shape == (batch, length):
+        return x
+    raise ValueError(f"{name} must have shape [B] = ({batch},) or [B, T] = ({batch}, {length}), "
+                     f"got {tuple(x.shape)}")
 
 
 @register_policy_loss("grpo")
@@ -80,17 +91,17 @@ def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float, eps_high: f
         tis_truncated_frac (importance weights on): share of tokens whose weight the cap cut.
     """
     AGGREGATIONS.get(agg)  # fail on a bad mode before any tracing work
-    check_static_number(eps_low, "eps_low", low=0.0, high=1.0, high_inclusive=False)
-    check_static_number(eps_high, "eps_high", low=0.0)
+    check_scalar(eps_low, "eps_low", low=0.0, high=1.0, high_inclusive=False)
+    check_scalar(eps_high, "eps_high", low=0.0)
     if dual_clip is not None:
-        check_static_number(dual_clip, "dual_clip", low=1.0, low_inclusive=False)
+        check_scalar(dual_clip, "dual_clip", low=1.0, low_inclusive=False)
     if (rollout_logp is None) != (tis_cap is None):
         raise ValueError(
             "rollout_logp and tis_cap go together: got rollout_logp "
             f"{'None' if rollout_logp is None else 'given'} and tis_cap={tis_cap!r}; pass both to "
             "reweight off-policy tokens by truncated importance weights, or neither")
     if tis_cap is not None:
-        check_static_number(tis_cap, "tis_cap", low=0.0, low_inclusive=False)
+        check_scalar(tis_cap, "tis_cap", low=0.0, low_inclusive=False)
 
     logp = as_float_array(logp, "logp")
     check_rank(logp, 2, "logp", "[B, T]")
@@ -99,8 +110,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float, eps_high: f
     check_shape(old_logp, shape, "old_logp", "[B, T]")
     mask = as_float_array(mask, "mask")
     check_shape(mask, shape, "mask", "[B, T]")
-    advantages = broadcast_per_sequence(as_float_array(advantages, "advantages"), shape,
-                                        "advantages")
+    advantages = _per_token(as_float_array(advantages, "advantages"), shape, "advantages")
 
     keep = mask != 0
     # Masked entries are replaced before any arithmetic so that padding garbage (inf, NaN) reaches

@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace.curriculum import (ADDED, CurriculumConfig, TaskPayload, TaskStore, get_sampler, init_table, insert,
-                            learnability, make_rows, state_hash, update_stats)
+from ace.curriculum import (CurriculumConfig, get_sampler, init_table, insert, learnability, make_rows, state_hash,
+                            update_stats)
+from ace.curriculum.buffer import ADDED
+from ace.curriculum.store import TaskPayload, TaskStore
 from ace.env.agent import AgentState, PromptConfig
 from ace.env.reward import RewardConfig
 from ace.models.checkpoint import Checkpointer

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace.curriculum import (ADDED, DROPPED, MERGED, NO_TASK, PADDING, TOO_DEEP, TaskRows, init_table, insert,
-                            learnability, make_rows, stats, update_stats)
+from ace.curriculum import TaskRows, init_table, insert, learnability, make_rows, stats, update_stats
+from ace.curriculum.buffer import ADDED, DROPPED, MERGED, PADDING, TOO_DEEP
+from ace.curriculum.table import NO_TASK
 
 ROWS = 8  # candidate batch size, as in the conftest of this folder
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace.curriculum import (POTENTIALS, get_potential, learnability, reward_std_potential,
-                            success_variance_potential, update_stats)
+from ace.curriculum import get_potential, learnability, register_potential, update_stats
+from ace.curriculum.potential import POTENTIALS, reward_std_potential, success_variance_potential
 
 
 def test_success_variance_is_zero_for_tasks_always_or_never_solved(make_filled_table):
@@ -24,7 +24,7 @@ def test_success_variance_is_zero_for_tasks_always_or_never_solved(make_filled_t
 def test_never_tried_tasks_get_the_optimistic_value(make_filled_table):
     table, _ = make_filled_table(8, 3)
     table = update_stats(table, jnp.array([1]), jnp.ones((1, 4)), jnp.ones((1, 4), bool), 1)
-    for name in POTENTIALS:
+    for name in POTENTIALS.names():
         lp = np.asarray(learnability(table, potential=name, optimistic_value=0.4))
         assert lp[0] == pytest.approx(0.4) and lp[2] == pytest.approx(0.4), name
         assert lp[1] == 0.0, name  # tried and always solved: no spread
@@ -50,6 +50,20 @@ def test_potentials_jit_and_vmap_over_tables(make_filled_table):
     fn = jax.jit(jax.vmap(lambda t: success_variance_potential(t, optimistic_value=0.25)))
     p = succ.mean(axis=2)
     np.testing.assert_allclose(np.asarray(fn(stacked))[:, :4], p * (1 - p), rtol=1e-6)
+
+
+def test_a_registered_potential_is_used_by_name(make_filled_table):
+    name = "test_only_visits"
+    if name not in POTENTIALS:
+        @register_potential(name)
+        def visits(table, *, optimistic_value, step=None):
+            return table.visits.astype(jnp.float32)
+    table, _ = make_filled_table(8, 3)
+    table = update_stats(table, jnp.array([1]), jnp.ones((1, 4)), jnp.ones((1, 4), bool), 1)
+    lp = np.asarray(learnability(table, potential=name, optimistic_value=0.25))
+    assert lp.tolist() == [0.0, 4.0] + [0.0] * 6
+    with pytest.raises(ValueError, match="curriculum.potential 'test_only_visits' is already registered"):
+        register_potential(name)(lambda table, **kw: table.visits)
 
 
 def test_unknown_potential_name_is_rejected():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ace.curriculum import SAMPLERS, get_sampler, sample, sample_uniform, sampling_probs, update_stats
+from ace.curriculum import get_sampler, sample, sample_uniform, sampling_probs, update_stats
+from ace.curriculum.sampler import SAMPLERS
 
 TAU, EPS = 0.1, 0.2
 DRAWS = 20_000
@@ -72,7 +73,7 @@ def test_uniform_sampler_draws_every_valid_row_equally(make_filled_table):
 
 def test_draws_are_distinct_valid_rows_and_cover_the_table(make_filled_table):
     table = frontier_table(make_filled_table)
-    for name in SAMPLERS:
+    for name in SAMPLERS.names():
         idx = np.asarray(get_sampler(name)(jax.random.key(5), table, 6, temperature=TAU, eps_uniform=EPS,
                                            potential="success_variance", step=2))
         assert idx.dtype == np.int32 and sorted(idx.tolist()) == list(range(6)), name

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace.curriculum import (ADDED, TaskPayload, TaskStore, init_table, insert, make_rows, sample,
-                            state_hash, update_stats)
+from ace.curriculum import init_table, insert, make_rows, sample, state_hash, update_stats
+from ace.curriculum.buffer import ADDED
+from ace.curriculum.store import TaskPayload, TaskStore
 
 ROWS = 8
 
