@@ -129,17 +129,20 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh,
-                    rules: Mapping[str, Any] = RULES) -> dict:
+def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                    rules: Mapping[str, Any] = RULES, *, drop_indivisible: bool = True) -> dict:
     """The params tree of `config` with a `NamedSharding` per leaf (no allocation: shapes via eval_shape).
 
-    A mesh axis that does not divide a dimension is dropped for that dimension (see
-    `ace.models.sharding.logical_to_spec`); `ace.train.dry_run.strict_param_shardings` reports it instead.
+    With `drop_indivisible`, a mesh axis that does not divide a dimension is dropped for that
+    dimension (see `ace.models.sharding.logical_to_spec`), so every sharding is valid. Without it,
+    every leaf takes exactly the mesh axes the rules ask for, valid or not:
+    `ace.train.dry_run.strict_param_shardings` reports the invalid ones, since on the cluster that
+    leaf would quietly be replicated. `mesh` may be abstract (shard shapes without devices).
     """
     shapes = abstract_params(config)
     axes = param_logical_axes(config)
-    return jax.tree.map(lambda ax, s: logical_to_sharding(ax, mesh, rules, s.shape), axes, shapes,
-                        is_leaf=_is_axes)
+    return jax.tree.map(lambda ax, s: logical_to_sharding(ax, mesh, rules, s.shape if drop_indivisible else None),
+                        axes, shapes, is_leaf=_is_axes)
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: jax.sharding.Mesh,

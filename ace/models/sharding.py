@@ -44,34 +44,50 @@ RULES: Mapping[str, Any] = {
 }
 
 
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """The size of every mesh axis ("data", "fsdp", "expert", "tensor") of a mesh over `num_devices`.
+
+    Args:
+      shape: mesh axis name -> size; missing axes get size 1, and one axis may be -1, meaning all
+        remaining devices (`num_devices` over the product of the others).
+      num_devices: the devices the mesh must use, all of them.
+    Raises:
+      ValueError naming the problem: an unknown axis, a size that is 0 or below -1, two -1 axes, or
+      a device count that the fixed axes do not divide (with a -1 axis) or equal (without one).
+    """
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    sizes = {name: int(shape.get(name, 1)) for name in MESH_AXES}
+    bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
+    if bad:
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {bad}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free} in {dict(shape)}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {fixed} "
+                             f"({sizes})")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh: {sizes} needs {fixed} devices, but {num_devices} were given")
+    return sizes
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a mesh with axes ("data", "fsdp", "expert", "tensor"); missing axes get size 1.
 
     Args:
-      shape: mesh axis name -> size; one axis may be -1, meaning all remaining devices.
-      devices: defaults to `jax.devices()`; their count must equal the product of the sizes.
+      shape: mesh axis name -> size; one axis may be -1, meaning all remaining devices
+        (`resolve_mesh_shape`).
+      devices: defaults to `jax.devices()`; the mesh uses all of them.
     Returns:
       A `Mesh` with Auto axis types (GSPMD propagates shardings between the constraints we set).
     """
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"make_mesh: unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {name: int(shape.get(name, 1)) for name in MESH_AXES}
-    free = [name for name, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got {free} in {dict(shape)}")
-    bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
-    if bad:
-        raise ValueError(f"make_mesh: axis sizes must be positive or -1, got {bad}")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if free:
-        if len(devices) % fixed:
-            raise ValueError(f"make_mesh: {len(devices)} devices not divisible by fixed axes product {fixed}")
-        sizes[free[0]] = len(devices) // fixed
-    total = math.prod(sizes.values())
-    if total != len(devices):
-        raise ValueError(f"make_mesh: mesh {sizes} needs {total} devices, have {len(devices)}")
+    sizes = resolve_mesh_shape(shape, len(devices))
     grid = np.asarray(devices, dtype=object).reshape([sizes[n] for n in MESH_AXES])
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -13,13 +13,12 @@ Called once at start-up, before anything touches a JAX backend:
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping
 
 import jax
 
-from ace.models.sharding import MESH_AXES, make_mesh
+from ace.models.sharding import make_mesh, resolve_mesh_shape
 from ace.rollout.sglang_pool import PoolConfigError, count_host_gpus, parse_device_list
 
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS",)
@@ -104,13 +103,8 @@ def learner_mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh | None:
                          f"({devices[0].platform}); lower it or give the learner more (learner.gpus)")
     devices = devices if n <= 0 else devices[:n]
     shape = {k: int(v) for k, v in mesh_cfg.items()}
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    resolve_mesh_shape(shape, len(devices))  # the axes must fit the learner's devices, even one
     if len(devices) == 1:
-        fixed = math.prod(v for v in shape.values() if v != -1)
-        if fixed != 1:
-            raise ValueError(f"mesh {shape} needs {fixed} devices, but the learner has 1")
         return None
     return make_mesh(shape, devices)
 

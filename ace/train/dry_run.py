@@ -26,13 +26,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 
 from ace.models.configs import ModelConfig, get_config
-from ace.models.qwen3 import abstract_params, param_logical_axes
-from ace.models.sharding import MESH_AXES, RULES, logical_to_spec, make_mesh
-from ace.train.learner import LearnerConfig, make_optimizer
+from ace.models.qwen3 import abstract_params, param_shardings
+from ace.models.sharding import MESH_AXES, RULES, logical_to_spec, make_mesh, resolve_mesh_shape
+from ace.train.learner import LearnerConfig, make_optimizer, optimizer_shardings
 
 # Devices the fake mesh gets when an axis is -1 ("all remaining devices") in a dry run: 8 hosts of
 # 8 accelerators, the layout the ace30b config documents. Override with `+dry_run_devices=N`.
@@ -127,34 +126,6 @@ class MemoryReport:
         return "fit per device: " + "; ".join(parts)
 
 
-def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Axis sizes of the mesh ("data", "fsdp", "expert", "tensor"), with a -1 axis filled in.
-
-    Args:
-      mesh_cfg: mesh axis -> size; at most one axis may be -1 (all remaining devices); missing = 1.
-      num_devices: the device count the mesh must use exactly.
-    """
-    unknown = set(mesh_cfg) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
-    sizes = {name: int(mesh_cfg.get(name, 1)) for name in MESH_AXES}
-    bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
-    if bad:
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {bad}")
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if num_devices % fixed:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {fixed} "
-                             f"({sizes})")
-        sizes[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ValueError(f"mesh: {sizes} needs {fixed} devices, but the dry run was given {num_devices}")
-    return sizes
-
-
 def make_dry_run_mesh(shape: Mapping[str, int]) -> Mesh | AbstractMesh:
     """A real `Mesh` when this process has enough devices, else an `AbstractMesh` of the same shape.
 
@@ -172,10 +143,6 @@ def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
 def strict_param_shardings(model_config: ModelConfig, mesh: Mesh | AbstractMesh,
                            rules: Mapping[str, Any] = RULES) -> dict:
     """A NamedSharding per param leaf exactly as the rules table asks, checked for divisibility.
@@ -184,12 +151,8 @@ def strict_param_shardings(model_config: ModelConfig, mesh: Mesh | AbstractMesh,
     divide; a dry run must instead report it, because on the real cluster that leaf would be copied
     on every device. Raises ShardingCheckError listing every offending leaf.
     """
-    shapes = abstract_params(model_config)
-    axes = param_logical_axes(model_config)
-    mesh_shape = dict(mesh.shape)
-    shardings = jax.tree.map(lambda ax: NamedSharding(mesh, logical_to_spec(ax, mesh_shape, None, rules)), axes,
-                             is_leaf=_is_axes)
-    check_shardings(shapes, shardings, what="param")
+    shardings = param_shardings(model_config, mesh, rules, drop_indivisible=False)
+    check_shardings(abstract_params(model_config), shardings, what="param")
     return shardings
 
 
@@ -234,20 +197,6 @@ def per_device_bytes(abstract: Any, shardings: Any, dtype: Any = None) -> int:
         itemsize = jnp.dtype(dtype if dtype is not None else leaf.dtype).itemsize
         total += math.prod(sharding.shard_shape(tuple(leaf.shape))) * itemsize
     return total
-
-
-def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_f32: Any, param_sharding: Any,
-                        mesh: Mesh | AbstractMesh) -> tuple[Any, Any]:
-    """The abstract optimizer state (eval_shape of `optimizer.init`) and its shardings.
-
-    Params-shaped leaves (Adam moments) take the param's sharding; counters are replicated, as in
-    `ace.train.learner.state_shardings`.
-    """
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_f32)
-    opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sharding,
-                                         transform_non_params=lambda _: replicated)
-    return abstract_opt, opt_sharding
 
 
 def activation_breakdown(model_config: ModelConfig, *, rows: int, seq_len: int, compute_dtype: str,
@@ -324,7 +273,9 @@ def plan_memory(model_config: ModelConfig, learner_config: LearnerConfig, mesh: 
     shapes = abstract_params(model_config)
     param_sharding = strict_param_shardings(model_config, mesh, rules)
     master = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
-    abstract_opt, opt_sharding = optimizer_shardings(make_optimizer(learner_config), master, param_sharding, mesh)
+    optimizer = make_optimizer(learner_config)
+    abstract_opt = jax.eval_shape(optimizer.init, master)
+    opt_sharding = optimizer_shardings(optimizer, abstract_opt, param_sharding, mesh)
     opt_leaves = check_shardings(abstract_opt, opt_sharding, what="optimizer")
     mesh_shape = {name: int(mesh.shape[name]) for name in MESH_AXES}
     batch_spec = logical_to_spec(("batch",), mesh_shape, (micro_batch_rows,), rules)

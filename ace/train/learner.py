@@ -497,17 +497,27 @@ def ppo_update(state: LearnerState, batch: Batch, *, config: LearnerConfig,
     return state, metrics
 
 
+def optimizer_shardings(optimizer: optax.GradientTransformation, opt_state: Any, param_sharding: Any,
+                        mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> Any:
+    """Shardings of an optimizer state (real or abstract) whose params have `param_sharding`.
+
+    Params-shaped leaves (Adam's moments) take their param's sharding, so the moments shard like
+    the params they follow; every other leaf (step counters) is replicated.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_sharding,
+                                 transform_non_params=lambda _: replicated)
+
+
 def state_shardings(cfg: LearnerConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                     rules=RULES) -> LearnerState:
     """A LearnerState of NamedShardings: params and the optimizer's params-shaped moments by the
     rules table, every other leaf (counts, step, rng) replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_shard = param_shardings(model_config, mesh, rules)
-    optimizer = make_optimizer(cfg)
     abstract = jax.eval_shape(lambda: init_learner(
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(model_config)), cfg, jax.random.key(0)))
-    opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, p_shard,
-                                      transform_non_params=lambda _: replicated)
+    opt_shard = optimizer_shardings(make_optimizer(cfg), abstract.opt_state, p_shard, mesh)
     return LearnerState(params=p_shard, opt_state=opt_shard, step=replicated, rng=replicated)
 
 

@@ -10,9 +10,8 @@ from jax.sharding import AbstractMesh, AxisType
 
 from ace.models.configs import QWEN3_30B_A3B, TINY
 from ace.models.qwen3 import init_params
-from ace.models.sharding import MESH_AXES, make_mesh
-from ace.train.dry_run import (ShardingCheckError, activation_breakdown, make_dry_run_mesh, plan_memory,
-                               resolve_mesh_shape, run_dry_run)
+from ace.models.sharding import MESH_AXES, make_mesh, resolve_mesh_shape
+from ace.train.dry_run import ShardingCheckError, activation_breakdown, make_dry_run_mesh, plan_memory, run_dry_run
 from ace.train.learner import LearnerConfig, init_learner, shard_state
 
 REPO = Path(__file__).resolve().parents[2]
