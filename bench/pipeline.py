@@ -140,7 +140,8 @@ def real_system(args) -> tuple[float, float]:
     from ace.train.experiment import load_competitions, prompt_config, reward_config
     from ace.train.metrics import read_jsonl
     from ace.train.policy import load_policy
-    from ace.train.trainer import AceTrainer, TrainerConfig, make_env_factory
+    from ace.train.rollouts import make_env_factory
+    from ace.train.trainer import AceTrainer, TrainerConfig
 
     overrides = ["rollout=sglang_cpu", f"train.steps={args.real_steps}", "train.checkpoint_every=1000",
                  "progress=false"]

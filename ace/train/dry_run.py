@@ -327,7 +327,7 @@ def _model_config_from_cfg(cfg: Mapping[str, Any]) -> ModelConfig:
 
 def _learner_config_from_cfg(cfg: Mapping[str, Any]) -> LearnerConfig:
     """The learner config the real run would build (`TrainerConfig`, which validates every train.* key)."""
-    from ace.train.trainer import TrainerConfig
+    from ace.train.trainer_config import TrainerConfig
 
     return TrainerConfig.from_cfg(cfg).learner
 

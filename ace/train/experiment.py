@@ -84,7 +84,7 @@ def evaluate_policy(params: Any, model_config: Any, tokenizer: Any, comps: Seque
         raise ValueError("evaluate_policy needs at least one seed")
     if not comps:
         raise ValueError("evaluate_policy needs at least one competition")
-    from ace.train.trainer import make_env_factory
+    from ace.train.rollouts import make_env_factory
 
     rollout, env = cfg["rollout"], cfg["env"]
     if engine is None:
@@ -291,7 +291,8 @@ def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, A
     from ace.train.engines import open_engine, open_mirror_engine
     from ace.train.multihost import barrier, is_controller
     from ace.train.policy import check_hf_folder, load_policy
-    from ace.train.trainer import AceTrainer, TrainerConfig, make_env_factory
+    from ace.train.rollouts import make_env_factory
+    from ace.train.trainer import AceTrainer, TrainerConfig
 
     t_start = time.perf_counter()
     out_dir = Path(cfg["out_dir"])

@@ -166,7 +166,7 @@ def test_one_step_batch_math_children_and_the_no_buffer_switch(tmp_path, params,
 
     # The same groups leave the table alone under the no_buffer ablation (stats still update).
     no_buffer = _trainer(_cfg(steps=1, children=False), params, tokenizer, tmp_path / "b")
-    no_buffer._apply_groups(groups, {id(g): t for g, t in captured})
+    no_buffer.apply_groups(groups, {id(g): t for g, t in captured})
     assert int(np.asarray(no_buffer.table.valid).sum()) == len(COMPS)
     assert int(np.asarray(no_buffer.table.visits).sum()) == trainer.cfg.group_size * len(groups)
 
@@ -322,17 +322,17 @@ def test_off_policy_machinery_on_an_moe_policy(tmp_path, tokenizer, monkeypatch)
     """Async MoE run at temperature 0.7 with routing replay, two minibatches, an entropy bonus, dual
     clip, stale groups down-weighted: the proximal logprobs are the learner's own at the sampling
     temperature with the engine's routing replayed, and every off-policy metric is logged."""
-    import ace.train.trainer as trainer_mod
+    import ace.train.loops as loops_mod
     from ace.train.learner import learner_logprobs
 
     queues = []
 
-    class RecordingQueue(trainer_mod.RolloutQueue):
+    class RecordingQueue(loops_mod.RolloutQueue):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             queues.append(self)
 
-    monkeypatch.setattr(trainer_mod, "RolloutQueue", RecordingQueue)
+    monkeypatch.setattr(loops_mod, "RolloutQueue", RecordingQueue)
     params = init_params(MOE_MODEL, jax.random.key(1))
     cfg = _cfg(steps=2, sync=False, temperature=0.7, routing_replay=True, minibatches=2, entropy_coef=0.01,
                dual_clip=3.0, tis_cap=1.5, staleness_policy="reweight", staleness_decay=0.25, max_staleness=0)
