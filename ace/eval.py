@@ -64,7 +64,7 @@ class MeanSE:
 
 
 def summarize_episode(episode: Any, *, seed: int = 0, max_steps: int | None = None) -> EpisodeSummary:
-    """An `ace.env.gym.Episode` reduced to an `EpisodeSummary`; `max_steps` is the episode limit."""
+    """An `ace.env.episode.Episode` reduced to an `EpisodeSummary`; `max_steps` is the episode limit."""
     grade = episode.final_grade
     valid = grade is not None and bool(grade.valid) and grade.score is not None
     return EpisodeSummary(

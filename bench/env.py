@@ -22,10 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ace.env.agent import Action, format_action  # noqa: E402
-from ace.env.gym import MLEEnv, run_episode, scripted_policy  # noqa: E402
+from ace.env.episode import run_episode, scripted_policy  # noqa: E402
+from ace.env.gym import MLEEnv  # noqa: E402
 from ace.env.reference_solutions import reference_scripts  # noqa: E402
 from ace.env.reward import RewardConfig  # noqa: E402
-from ace.env.sandbox import SandboxLimits, SubprocessSandbox  # noqa: E402
+from ace.env.sandbox import SandboxLimits  # noqa: E402
+from ace.env.subprocess_sandbox import SubprocessSandbox  # noqa: E402
 from ace.env.suites import load_suite  # noqa: E402
 
 FAST = ("logreg_C1.0", "ridge_a1.0")

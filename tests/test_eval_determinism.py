@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from ace.env.agent import AgentState, build_messages
-from ace.env.sandbox import SubprocessSandbox
+from ace.env.subprocess_sandbox import SubprocessSandbox
 from ace.env.suites import load_suite
 from ace.models.configs import TINY
 from ace.models.qwen3 import init_params

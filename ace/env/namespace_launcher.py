@@ -1,6 +1,6 @@
 """The init process of a sandbox's namespaces, and the mount syscalls that the sandbox needs.
 
-Started by ``SubprocessSandbox`` (ace/env/sandbox.py) as
+Started by ``SubprocessSandbox`` (ace/env/subprocess_sandbox.py) as
 ``unshare --net --pid --mount --fork --kill-child python -I -S namespace_launcher.py --init FD SPEC``:
 it runs as root and as pid 1 of the fresh pid namespace, with only the standard library (no site-packages,
 so it starts fast and trusts nothing of the program's interpreter). It builds a new root holding only what

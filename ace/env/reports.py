@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ace.env.grading import medal_thresholds
+from ace.env.medals import medal_thresholds
 from ace.env.task import GradeResult
 
 REPORT_FIELDS = (
@@ -214,7 +214,7 @@ def write_grading_report(aggregate: Mapping[str, Any], out_dir: Path | str) -> P
 
 
 def episode_transcript(episode: Any) -> dict[str, Any]:
-    """An `ace.env.gym.Episode` as plain data: per step the action as the model wrote it (or the
+    """An `ace.env.episode.Episode` as plain data: per step the action as the model wrote it (or the
     text that held no action, with the format error), the outcome, the reward and the observation."""
     from ace.env.agent import Action, format_action
 

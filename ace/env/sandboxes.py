@@ -1,8 +1,8 @@
 """Chooses a sandbox backend by name: the one place that knows every backend.
 
 The factory lives here, beside neither backend, so that the base module (`ace.env.sandbox`: the
-protocol, the subprocess backend and the helpers both backends share) never imports the docker
-backend that imports it. Importing this module does not import the docker SDK; only starting a
+protocol and the helpers the backends share) never imports the backends that import it
+(`ace.env.subprocess_sandbox`, `ace.env.docker_sandbox`). Importing this module does not import the docker SDK; only starting a
 `DockerSandbox` does.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from ace.env.docker_sandbox import DockerSandbox
-from ace.env.sandbox import Sandbox, SubprocessSandbox
+from ace.env.sandbox import Sandbox
+from ace.env.subprocess_sandbox import SubprocessSandbox
 
 BACKENDS = {"subprocess": SubprocessSandbox, "docker": DockerSandbox}
 

@@ -31,7 +31,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from ace.models.configs import ModelConfig, get_config
 from ace.models.qwen3 import abstract_params, param_shardings
 from ace.models.sharding import MESH_AXES, RULES, logical_to_spec, make_mesh, resolve_mesh_shape
-from ace.train.learner import LearnerConfig, make_optimizer, optimizer_shardings
+from ace.train.learner import make_optimizer, optimizer_shardings
+from ace.train.learner_config import LearnerConfig
 
 # Devices the fake mesh gets when an axis is -1 ("all remaining devices") in a dry run: 8 hosts of
 # 8 accelerators, the layout the ace30b config documents. Override with `+dry_run_devices=N`.

@@ -1,4 +1,4 @@
-"""The GRPO learner: state, batch construction, and `train_step` as a pure, shardable function.
+"""The GRPO learner: its state, and `train_step` as a pure, shardable function.
 
 `train_step(state, batch) -> (state, metrics)` recomputes the learner's logprobs of the batch with
 the chunked logprob function, takes the clipped GRPO loss of `ace.rl.policy_loss` (plus an
@@ -14,15 +14,14 @@ Every logprob (behaviour, proximal, current, reference) is of the same distribut
 the logits divided by the sampling temperature (`LearnerConfig.temperature`), before top-k/top-p
 truncation, which is what both rollout engines return.
 
-Token alignment. Row b of a batch holds prompt + completion tokens; column t of every per-token
-array ([B, T]) refers to the token at t + 1, which the model predicts at position t. So
-`loss_mask[b, t] = 1` means "tokens[b, t + 1] is a completion token".
+The settings are a `LearnerConfig` (`ace.train.learner_config`); a batch is a `Batch`
+(`ace.train.batches`, which also says how its columns align with tokens).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -35,121 +34,9 @@ from ace.models.logprobs import model_token_logprobs
 from ace.models.qwen3 import abstract_params, param_shardings
 from ace.models.sharding import RULES, logical_to_sharding, use_mesh
 from ace.rl import kl_penalty, policy_loss
-from ace.rl.registry import KL_ESTIMATORS
+from ace.train.batches import Batch
+from ace.train.learner_config import LearnerConfig
 from ace.train.multihost import put_global
-
-SCHEDULES = ("cosine", "constant")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-class LearnerConfigError(ValueError):
-    """A LearnerConfig field out of range. `field`, `value` and `expected` are kept apart so that a
-    caller that built the config from other names (the trainer, from Hydra's `train.*` keys) can
-    name the key its user wrote."""
-
-    def __init__(self, field: str, value: Any, expected: str):
-        super().__init__(f"LearnerConfig.{field} must be {expected}, got {value!r}")
-        self.field, self.value, self.expected = field, value, expected
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnerConfig:
-    """Optimiser and loss settings, validated at construction.
-
-    lr, warmup_steps, schedule ("cosine" decays to lr * min_lr_ratio at total_steps, "constant"),
-    weight_decay (AdamW, applied to matrices only, not to norm scales), max_grad_norm (global clip),
-    micro_batches (gradient accumulation; the batch size must be a multiple of it),
-    eps_low / eps_high / agg / dual_clip / tis_cap: see `ace.rl.policy_loss` (tis_cap set = truncated
-    importance weights against the rollout engine's logprobs), kl_coef / kl_kind: KL(pi || pi_ref)
-    penalty (needs `Batch.ref_logp` when kl_coef > 0), compute_dtype: forward/backward dtype (params
-    stay float32 masters), logprob_chunk_size: positions per chunk of the logprob function,
-    routing_replay: replay `Batch.routing` in MoE layers, aux_loss_coef: MoE load-balancing weight
-    (None = the model config's `router_aux_loss_coef`), remat: recompute layers in the backward,
-    mu_dtype: dtype of Adam's first moment (None = the params'; "bfloat16" saves 2 bytes a param,
-    what lets the 30B learner fit four 141 GB devices, see hydra_configs/exp/ace30b.yaml),
-    temperature: the sampling temperature every logprob is computed at (0 = greedy sampling, whose
-    logprobs the engines report at temperature 1), entropy_coef: weight of the entropy bonus
-    (loss −= entropy_coef · token-mean entropy), norm_len: the constant normaliser of
-    agg="seq_mean_token_sum_norm" (None = the padded row length T, which varies with the batch),
-    minibatches: optimizer steps per batch in `ppo_update` (the batch is split into this many).
-    """
-
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    micro_batches: int = 1
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    agg: str = "token_mean"
-    dual_clip: float | None = None
-    tis_cap: float | None = None
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    compute_dtype: str = "float32"
-    logprob_chunk_size: int = 512
-    routing_replay: bool = False
-    aux_loss_coef: float | None = None
-    remat: bool = False
-    mu_dtype: str | None = None
-    temperature: float = 1.0
-    entropy_coef: float = 0.0
-    norm_len: int | None = None
-    minibatches: int = 1
-
-    def __post_init__(self):
-        def need(ok: bool, name: str, expected: str):
-            if not ok:
-                raise LearnerConfigError(name, getattr(self, name), expected)
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(self.lr > 0, "lr", "> 0")
-        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
-        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
-        need(is_int(self.total_steps) and self.total_steps > self.warmup_steps, "total_steps",
-             f"an int > warmup_steps ({self.warmup_steps})")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
-        need(0.0 <= self.adam_b1 < 1.0, "adam_b1", "in [0, 1)")
-        need(0.0 <= self.adam_b2 < 1.0, "adam_b2", "in [0, 1)")
-        need(self.adam_eps > 0, "adam_eps", "> 0")
-        need(is_int(self.micro_batches) and self.micro_batches >= 1, "micro_batches", "an int >= 1")
-        need(0.0 <= self.eps_low < 1.0, "eps_low", "in [0, 1)")
-        need(self.eps_high >= 0, "eps_high", ">= 0")
-        # Only modes whose value is a sum over micro-batches accumulate exactly (see _loss_shares).
-        need(self.agg in AGGREGATIONS, "agg", f"one of {AGGREGATIONS}")
-        need(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip", "None or > 1")
-        need(self.tis_cap is None or self.tis_cap > 0, "tis_cap", "None or > 0")
-        need(self.kl_coef >= 0, "kl_coef", ">= 0")
-        need(self.kl_kind in KL_ESTIMATORS, "kl_kind", f"a registered KL estimator {KL_ESTIMATORS.names()}")
-        need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
-        need(is_int(self.logprob_chunk_size) and self.logprob_chunk_size > 0, "logprob_chunk_size",
-             "a positive int")
-        need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "None or >= 0")
-        need(self.mu_dtype in (None, "float32", "bfloat16"), "mu_dtype", "None, 'float32' or 'bfloat16'")
-        need(self.temperature >= 0, "temperature", ">= 0")
-        need(self.entropy_coef >= 0, "entropy_coef", ">= 0")
-        need(self.norm_len is None or (is_int(self.norm_len) and self.norm_len > 0), "norm_len",
-             "None or an int > 0")
-        need(self.norm_len is None or self.agg == "seq_mean_token_sum_norm", "norm_len",
-             f"None with agg={self.agg!r} (it is the normaliser of 'seq_mean_token_sum_norm')")
-        need(is_int(self.minibatches) and self.minibatches >= 1, "minibatches", "an int >= 1")
-
-    @property
-    def logprob_temperature(self) -> float:
-        """The temperature logprobs are computed at: the sampling one, or 1 for greedy sampling."""
-        return self.temperature if self.temperature > 0 else 1.0
-
 
 @flax.struct.dataclass
 class LearnerState:
@@ -159,120 +46,6 @@ class LearnerState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
-
-
-@flax.struct.dataclass
-class Batch:
-    """One learner batch of B sequences of T tokens (see the module docstring for the alignment).
-
-    tokens: [B, T] int32 prompt + completion, right-padded with 0.
-    positions: [B, T] int32 RoPE positions.
-    loss_mask: [B, T] float32, 1 where tokens[:, t + 1] is a completion token.
-    old_logp: [B, T] float32 proximal logprob of tokens[:, t + 1]: the learner's, with the params
-      at the start of this update (`learner_logprobs`); the PPO clip is relative to it.
-    rollout_logp: [B, T] float32 behaviour logprob of the same tokens returned by the rollout engine.
-    advantages: [B] float32. sample_weights: [B] float32 loss multipliers (duration, staleness).
-    ref_logp: optional [B, T] float32 logprobs of the reference policy (for the KL term).
-    routing: optional [L, B, T, k] int32 routed experts to replay (MoE).
-    """
-
-    tokens: jax.Array
-    positions: jax.Array
-    loss_mask: jax.Array
-    old_logp: jax.Array
-    rollout_logp: jax.Array
-    advantages: jax.Array
-    sample_weights: jax.Array
-    ref_logp: jax.Array | None = None
-    routing: jax.Array | None = None
-
-    def check(self) -> None:
-        """Raises ValueError naming the first field whose shape disagrees with tokens [B, T]."""
-        if self.tokens.ndim != 2:
-            raise ValueError(f"Batch.tokens must be [B, T], got {self.tokens.shape}")
-        b, t = self.tokens.shape
-        for name in ("positions", "loss_mask", "old_logp", "rollout_logp", "ref_logp"):
-            value = getattr(self, name)
-            if value is not None and value.shape != (b, t):
-                raise ValueError(f"Batch.{name} must be [B, T] = {(b, t)}, got {value.shape}")
-        for name in ("advantages", "sample_weights"):
-            if getattr(self, name).shape != (b,):
-                raise ValueError(f"Batch.{name} must be [B] = {(b,)}, got {getattr(self, name).shape}")
-        if self.routing is not None and (self.routing.ndim != 4 or self.routing.shape[1:3] != (b, t)):
-            raise ValueError(f"Batch.routing must be [L, B, T, k] with B, T = {(b, t)}, got {self.routing.shape}")
-
-
-def _stack_routing(samples: Sequence[Any], pad_to: int) -> np.ndarray | None:
-    """[L, B, T] x k routed experts from the samples' own `routing` ([L, P + T, k] each), or None
-    when no sample has any. Positions with no known experts (-1: a sample's last token, padding,
-    samples without routing) get experts 0..k-1: any valid set will do, since no loss token is
-    predicted from them and causal attention keeps them from earlier positions."""
-    known = [np.asarray(s.routing) for s in samples if getattr(s, "routing", None) is not None]
-    if not known:
-        return None
-    n_layers, _, k = known[0].shape
-    out = np.broadcast_to(np.arange(k, dtype=np.int32), (n_layers, len(samples), pad_to, k)).copy()
-    for i, s in enumerate(samples):
-        if getattr(s, "routing", None) is None:
-            continue
-        r = np.asarray(s.routing, np.int32)
-        if r.shape[0] != n_layers or r.shape[2] != k:
-            raise ValueError(f"make_batch: sample {i} routing has shape {r.shape}, expected [L={n_layers}, P + T, "
-                             f"k={k}] like the other samples")
-        have = np.all(r >= 0, axis=-1)  # [L, n]
-        rows = out[:, i, :r.shape[1]]
-        rows[have] = r[have]
-    return out
-
-
-def make_batch(samples: Sequence[Any], advantages, *, pad_to: int, sample_weights=None,
-               routing=None) -> Batch:
-    """Builds a Batch on the host from queue `Sample`s (prompt_ids, output_ids, rollout_logprobs).
-
-    Args:
-      samples: B samples; sample b becomes row b.
-      advantages: [B] floats, one per sample.
-      pad_to: T, the row length; prompt + completion of every sample must fit.
-      sample_weights: optional [B] floats (default 1).
-      routing: optional [L, B, T, k] ints to attach; by default built from the samples' own
-        `routing` when any has it (see `_stack_routing`).
-    Returns:
-      A Batch of numpy arrays; old_logp starts as a copy of rollout_logp (fill it with
-      `learner_logprobs` to use the learner's own numbers).
-    """
-    b = len(samples)
-    if b == 0:
-        raise ValueError("make_batch: got no samples")
-    advantages = np.asarray(advantages, np.float32)
-    if advantages.shape != (b,):
-        raise ValueError(f"make_batch: advantages must be [B] = ({b},), got shape {advantages.shape}")
-    weights = np.ones(b, np.float32) if sample_weights is None else np.asarray(sample_weights, np.float32)
-    if weights.shape != (b,):
-        raise ValueError(f"make_batch: sample_weights must be [B] = ({b},), got shape {weights.shape}")
-    tokens = np.zeros((b, pad_to), np.int32)
-    mask = np.zeros((b, pad_to), np.float32)
-    rollout_logp = np.zeros((b, pad_to), np.float32)
-    for i, s in enumerate(samples):
-        prompt, output = list(s.prompt_ids), list(s.output_ids)
-        if not prompt:
-            raise ValueError(f"make_batch: sample {i} (task {s.task_id}) has an empty prompt; the first "
-                             "completion token needs a prompt token to be predicted from")
-        n = len(prompt) + len(output)
-        if n > pad_to:
-            raise ValueError(f"make_batch: sample {i} (task {s.task_id}) has {n} tokens, more than pad_to={pad_to}")
-        tokens[i, :n] = prompt + output
-        # Completion token j sits at len(prompt) + j and is predicted one position earlier.
-        cols = slice(len(prompt) - 1, n - 1)
-        mask[i, cols] = 1.0
-        rollout_logp[i, cols] = np.asarray(s.rollout_logprobs, np.float32)
-    positions = np.broadcast_to(np.arange(pad_to, dtype=np.int32), (b, pad_to)).copy()
-    if routing is None:
-        routing = _stack_routing(samples, pad_to)
-    batch = Batch(tokens=tokens, positions=positions, loss_mask=mask, old_logp=rollout_logp.copy(),
-                  rollout_logp=rollout_logp, advantages=advantages, sample_weights=weights,
-                  routing=None if routing is None else np.asarray(routing, np.int32))
-    batch.check()
-    return batch
 
 
 def _schedule(cfg: LearnerConfig) -> optax.Schedule:

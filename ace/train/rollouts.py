@@ -48,7 +48,7 @@ def improved(steps: Sequence[Any]) -> bool:
 
 
 def episode_sample(task_id: int, steps: Sequence[Any]) -> Sample:
-    """One episode's steps (`ace.env.gym.Step`s, at least one) as a queue Sample.
+    """One episode's steps (`ace.env.episode.Step`s, at least one) as a queue Sample.
 
     The sample's tokens are the first action's; every action is kept in `extra["turns"]`. Reward
     and duration are the episode's sums; `policy_version` the oldest version behind any token.

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from ace.rollout.engine import SamplingParams
-from ace.train.learner import LearnerConfig, LearnerConfigError
+from ace.train.learner_config import LearnerConfig, LearnerConfigError
 
 # The learner's train.<key> -> its LearnerConfig field.
 LEARNER_KEYS = {

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from ace.env.grading import grade_submission, human_rank, medal_for, medal_thresholds, ranked_result
+from ace.env.grading import grade_submission
+from ace.env.medals import human_rank, medal_for, medal_thresholds, ranked_result
 from ace.env.metrics import METRICS, metric_for_grader
 from ace.env.task import Competition
 from tests.support import reference_metrics as ref

@@ -5,9 +5,11 @@ import pandas as pd
 import pytest
 
 from ace.env.agent import Action, AgentState, PromptConfig, format_action, render_prompt
-from ace.env.gym import MLEEnv, PolicyOutput, engine_policy, run_episode, run_group, scripted_policy
+from ace.env.episode import PolicyOutput, engine_policy, run_episode, run_group, scripted_policy
+from ace.env.gym import MLEEnv
 from ace.env.reward import RewardConfig, step_reward
-from ace.env.sandbox import SandboxLimits, SubprocessSandbox
+from ace.env.sandbox import SandboxLimits
+from ace.env.subprocess_sandbox import SubprocessSandbox
 from ace.env.task import Competition
 from ace.rollout.engine import Generation, SamplingParams
 

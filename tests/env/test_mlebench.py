@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ace.env.grading import grade_submission, medal_thresholds
+from ace.env.grading import grade_submission
+from ace.env.medals import medal_thresholds
 from ace.env.mlebench import load_mlebench_competition, load_mlebench_suite
 
 

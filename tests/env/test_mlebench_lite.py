@@ -15,10 +15,12 @@ import pytest
 
 from ace.env.agent import Action, format_action
 from ace.env.grading import grade_submission
-from ace.env.gym import MLEEnv, run_episode, scripted_policy
+from ace.env.episode import run_episode, scripted_policy
+from ace.env.gym import MLEEnv
 from ace.env.mlebench import LITE_SPECS, MLEBENCH_LITE, load_mlebench_competition, load_mlebench_suite
 from ace.env.reward import RewardConfig
-from ace.env.sandbox import SandboxLimits, SubprocessSandbox
+from ace.env.sandbox import SandboxLimits
+from ace.env.subprocess_sandbox import SubprocessSandbox
 from tests.support import reference_metrics as ref
 from tests.support.mlebench_data import LITE_CASES, write_lite_folder
 

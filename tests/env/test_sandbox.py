@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 import ace.env.namespace_launcher
-import ace.env.sandbox
 import ace.env.sandbox_guards
+import ace.env.subprocess_sandbox
 from ace.env.sandbox_guards import BoundedOutput
-from ace.env.sandbox import SandboxLimits, SubprocessSandbox, Workspace
+from ace.env.sandbox import SandboxLimits, Workspace
 from ace.env.sandboxes import make_sandbox
+from ace.env.subprocess_sandbox import SubprocessSandbox
 
 LIMITS = SandboxLimits(wall_time_s=10, cpu_time_s=10, memory_mb=512, max_processes=32, max_file_mb=8,
                        max_output_bytes=4000, max_workspace_mb=32)
@@ -363,7 +364,7 @@ def test_hostile_program_fails_safely(name, sandbox, world, monkeypatch):
     (other.root / "notes.txt").write_text(SECRET)
     consts = dict(PRIVATE=str(world["private"]), PUBLIC=str(world["public"]), GRADER=str(world["grader"]),
                   SECRET_PREFIX=SECRET[:12], TOKEN_FILE=str(token_file), HOST_PID=os.getpid(), REPO=str(REPO),
-                  SANDBOX_FILE=ace.env.sandbox.__file__, LAUNCHER_FILE=ace.env.namespace_launcher.__file__,
+                  SANDBOX_FILE=ace.env.subprocess_sandbox.__file__, LAUNCHER_FILE=ace.env.namespace_launcher.__file__,
                   OTHER_WS=str(other.root))
     code = "".join(f"{k} = {v!r}\n" for k, v in consts.items()) + textwrap.dedent(body)
     guarded = [world["public"], world["grader"], REPO / "ace" / "env"]

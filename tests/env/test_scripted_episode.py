@@ -11,10 +11,12 @@ import pytest
 
 from ace.env.agent import Action, format_action
 from ace.env.grading import grade_submission
-from ace.env.gym import MLEEnv, run_episode, scripted_policy
+from ace.env.episode import run_episode, scripted_policy
+from ace.env.gym import MLEEnv
 from ace.env.reference_solutions import reference_scripts, run_in_process
 from ace.env.reward import RewardConfig
-from ace.env.sandbox import SandboxLimits, SubprocessSandbox
+from ace.env.sandbox import SandboxLimits
+from ace.env.subprocess_sandbox import SubprocessSandbox
 from ace.env.suites import competition_ids, get_competition
 
 # Linear models: the fastest members of both reference populations.

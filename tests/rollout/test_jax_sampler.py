@@ -8,7 +8,8 @@ from ace.models import TINY, TINY_DENSE, forward, init_params
 from ace.models.sharding import make_mesh
 from ace.rollout.engine import RolloutEngine, SamplingParams
 from ace.rollout.jax_sampler import JaxSampler, apply_top_k, apply_top_p
-from ace.train.learner import LearnerConfig, learner_logprobs, make_batch
+from ace.train.batches import make_batch
+from ace.train.learner import LearnerConfig, learner_logprobs
 from ace.train.queue import Sample
 
 CONFIG = TINY_DENSE.replace(vocab_size=64)

@@ -6,7 +6,8 @@ from ace.models import TINY_DENSE, init_params
 from ace.rl import group_advantages
 from ace.rollout.engine import SamplingParams
 from ace.rollout.jax_sampler import JaxSampler
-from ace.train.learner import LearnerConfig, init_learner, jit_train_step, make_batch
+from ace.train.batches import make_batch
+from ace.train.learner import LearnerConfig, init_learner, jit_train_step
 from ace.train.queue import Sample
 
 CONFIG = TINY_DENSE.replace(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,

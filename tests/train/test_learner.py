@@ -9,8 +9,9 @@ import pytest
 from ace.models import TINY, TINY_DENSE, init_params
 from ace.models.sharding import make_mesh
 from ace.models.qwen3 import forward
-from ace.train.learner import (Batch, LearnerConfig, init_learner, jit_train_step, learner_logprobs, make_batch,
-                               ppo_update, routing_disagreement, shard_state, train_step)
+from ace.train.batches import Batch, make_batch
+from ace.train.learner import (LearnerConfig, init_learner, jit_train_step, learner_logprobs, ppo_update,
+                               routing_disagreement, shard_state, train_step)
 from ace.train.queue import Sample
 
 MOE = TINY.replace(vocab_size=64)
