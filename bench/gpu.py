@@ -139,7 +139,7 @@ def timed_calls(fn, reps: int, *, deadline: float, hard_deadline: float, min_rep
     return times
 
 
-def model_config(args, layers: int | None = None):
+def model_config(args):
     from ace.models.configs import TINY, ModelConfig
 
     if args.cpu_smoke:
@@ -150,7 +150,7 @@ def model_config(args, layers: int | None = None):
             num_kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate_size=6144,
             num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_intermediate,
             norm_topk_prob=True, rope_theta=1_000_000.0, tie_word_embeddings=False, max_position_embeddings=40960)
-    return base.replace(num_layers=layers or base.num_layers, dtype="bfloat16", moe_impl=args.moe_impl,
+    return base.replace(dtype="bfloat16", moe_impl=args.moe_impl,
                         attention_block_q=512, attention_block_kv=512)
 
 
@@ -243,7 +243,6 @@ def copy_bandwidth(gib: float, reps: int) -> float:
     x = jnp.zeros((n,), jnp.float32)
     add = jax.jit(lambda x: x + 1)
     secs = median_seconds(lambda: jax.block_until_ready(add(x)), reps)
-    del x
     return 2.0 * n * 4 / secs
 
 
@@ -345,7 +344,7 @@ def bench_learner(args, config, budget: Budget) -> dict:
                         min_reps=min(5, args.steps))
     loss = float(metrics["loss"])
     mem = jax.devices()[0].memory_stats() or {}
-    del state, batch, step, metrics
+    state = batch = step = metrics = None  # free the device buffers before the sampler runs
     gc.collect()
     return {"init_s": init_s, "compile_s": compile_s, "compile_total_s": compile_total, "first_s": first_s,
             "times": times, "step_s": statistics.median(times), "loss": loss, "rows": rows, "remat": remat,
@@ -395,7 +394,7 @@ def bench_sampler(args, config, prompts, budget: Budget) -> dict:
     full_t = timed_calls(lambda: run(full, n), args.reps, deadline=budget.share(0.8), hard_deadline=hard)
     one_t = timed_calls(lambda: run(one, 1), args.reps, deadline=budget.share(0.8), hard_deadline=hard)
     compiles = dict(sampler.trace_counts)
-    del sampler
+    sampler = None
     gc.collect()
     full_s, one_s = statistics.median(full_t), statistics.median(one_t)
     return {"compile_s": compile_s, "full_s": full_s, "one_s": one_s, "e2e_tok_s": b * n / full_s,
@@ -440,7 +439,8 @@ def bench_transformers(args, config, prompts, budget: Budget) -> dict:
     run()
     warm_s = time.perf_counter() - t0
     times = timed_calls(run, args.reps, deadline=budget.share(0.95), hard_deadline=budget.share(1.0))
-    del model
+    model = None
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     secs = statistics.median(times)
