@@ -34,6 +34,15 @@ def jax_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> floa
     return median_seconds(run, reps)
 
 
+def sort_filter_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
+    """The same decode with the sort-based top-k / top-p reference run every step even though both
+    filters are off: what the sampler did before it skipped filters that are off."""
+    from unittest import mock
+
+    with mock.patch("ace.rollout.jax_sampler.filter_candidates", return_value=0):
+        return jax_seconds(config, prompts, new_tokens, reps)
+
+
 def torch_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -69,11 +78,14 @@ def main():
     prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, args.prompt_len))
     n_tokens = args.batch * args.new_tokens
     ace_s = jax_seconds(config, prompts, args.new_tokens, args.reps)
+    sort_s = sort_filter_seconds(config, prompts, args.new_tokens, args.reps)
     hf_s = torch_seconds(config, prompts, args.new_tokens, args.reps)
     print(f"config {args.config}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens each")
     print(f"decode ace JaxSampler:          {n_tokens / ace_s:10.0f} tokens/s ({ace_s * 1e3:.1f} ms per batch)")
     print(f"decode transformers generate:   {n_tokens / hf_s:10.0f} tokens/s ({hf_s * 1e3:.1f} ms per batch)")
+    print(f"decode ace, sort-based filters: {n_tokens / sort_s:10.0f} tokens/s ({sort_s * 1e3:.1f} ms per batch)")
     print(f"decode ratio ace/transformers = {hf_s / ace_s:.2f}x")
+    print(f"decode ratio ace/sort-based filters (filters off skipped vs sorted every step) = {sort_s / ace_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import math
 import re
+import threading
 from typing import Iterable, Sequence
 
 MILESTONES = ("imports", "data_loaded", "model_trained", "predictions_written")
@@ -273,6 +274,12 @@ except BaseException as _ace_exc:
 '''
 
 
+# CPython 3.11's ast.parse keeps its recursion depth in interpreter-wide state: two threads parsing
+# at once (rollout workers instrumenting scripts side by side) can fail with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905). One parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 def instrument(code: str) -> str:
     """Wrap a solution script so that it reports progress milestones on stderr.
 
@@ -290,7 +297,8 @@ def instrument(code: str) -> str:
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     try:
-        ast.parse(code)
+        with _PARSE_LOCK:
+            ast.parse(code)
     except (SyntaxError, ValueError):
         return code
     calls = {k: sorted(v) for k, v in _MILESTONE_CALLS.items()}

@@ -3,7 +3,9 @@
 Shapes are fixed so that nothing recompiles per request: the batch is padded to `max_batch` rows,
 each prompt is right-padded to the smallest prompt bucket that holds the longest prompt of its
 chunk, and every bucket shares one KV cache of `max(prompt_buckets) + max_new_tokens` slots, so
-prefill compiles once per bucket and the decode loop compiles once in all.
+prefill compiles once per bucket and the decode loop once per filter setting: top-k and top-p off
+(the common case, which skips filtering) or on (`filter_logits`, sort-free, with a static candidate
+count).
 
 Behaviour logprobs. `Generation.logprobs[i]` is log softmax(logits / temperature)[token]: the
 sampling distribution after temperature and *before* top-k / top-p truncation. Truncation is a
@@ -84,8 +86,57 @@ def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where((top_p >= 1.0)[:, None], logits, filtered)
 
 
+# Candidates the fast filter keeps (at least): the nucleus of a trained model's next-token
+# distribution almost always lies in its top 64 tokens; rows whose nucleus does not fall back to a sort.
+FILTER_CANDIDATES = 64
+
+
+def filter_candidates(top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> int | None:
+    """The static candidate count of `filter_logits` for a batch's settings, or None when every
+    row has both filters off (top_k = 0 or >= V, top_p >= 1): then the sampler skips filtering."""
+    k = np.where((top_k <= 0) | (top_k >= vocab), 0, top_k)
+    if not np.any(k > 0) and not np.any(top_p < 1.0):
+        return None
+    return int(min(vocab, max(FILTER_CANDIDATES, int(k.max()))))
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *, candidates: int) -> jax.Array:
+    """`apply_top_p(apply_top_k(logits, top_k), top_p)` without sorting the vocabulary.
+
+    `lax.top_k` takes the `candidates` largest logits per row; top-k is a threshold on them, and
+    the nucleus is searched among the top-k survivors. Only when some row's nucleus needs more
+    than `candidates` tokens does the batch fall back to the sort-based reference, so the result
+    equals the reference exactly (ties at a threshold are kept, as there).
+
+    Args:
+      logits: [B, V] float. top_k: [B] int, 0 = off, each <= candidates when on. top_p: [B] float in (0, 1].
+      candidates: static int in [1, V], >= every row's top_k.
+    Returns:
+      [B, V] float, same dtype, with dropped logits at -inf.
+    """
+    vocab = logits.shape[-1]
+    values, _ = jax.lax.top_k(logits, candidates)  # [B, K], descending
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(jnp.int32)
+    in_top_k = jnp.arange(candidates)[None, :] < k[:, None]  # [B, K]: candidate survives top-k
+    # Renormalise over the top-k survivors (the whole row when top-k is off), as apply_top_p does.
+    k_threshold = jnp.where((k <= candidates)[:, None],
+                            jnp.take_along_axis(values, jnp.minimum(k, candidates)[:, None] - 1, axis=-1), -jnp.inf)
+    row = jnp.where(logits >= k_threshold, logits, -jnp.inf).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(row, axis=-1, keepdims=True)
+    probs = jnp.where(in_top_k, jnp.exp(values.astype(jnp.float32) - log_z), 0.0)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(in_top_k & (mass_before < top_p[:, None]), axis=-1)  # >= 1
+    # The nucleus may extend past the candidates only when top-k is off for that row.
+    overflow = (kept == candidates) & (k > candidates) & (top_p < 1.0) \
+        & (jnp.sum(probs, axis=-1) < top_p)
+    p_threshold = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)
+    fast = jnp.where(logits >= jnp.maximum(k_threshold, p_threshold), logits, -jnp.inf)
+    fast = jnp.where((top_p >= 1.0)[:, None], jnp.where(logits >= k_threshold, logits, -jnp.inf), fast)
+    return jax.lax.cond(jnp.any(overflow), lambda: apply_top_p(apply_top_k(logits, top_k), top_p), lambda: fast)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  top_k: jax.Array, *, candidates: int | None = 0) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row and returns its behaviour logprob (see the module docstring).
 
     Args:
@@ -93,13 +144,21 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
       keys: [B] typed PRNG keys, one per row.
       temperature: [B] float32, 0 = greedy (argmax).
       top_p: [B] float32 in (0, 1]. top_k: [B] int32, 0 = off.
+      candidates: static; 0 filters with the sort-based reference (`apply_top_k`, `apply_top_p`),
+        an int > 0 with `filter_logits`, None skips filtering (every row has both filters off;
+        see `filter_candidates`).
     Returns:
       (tokens [B] int32, logprobs [B] float32).
     """
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    filtered = apply_top_p(apply_top_k(scaled, top_k), top_p)
+    if candidates is None:
+        filtered = scaled
+    elif candidates == 0:
+        filtered = apply_top_p(apply_top_k(scaled, top_k), top_p)
+    else:
+        filtered = filter_logits(scaled, top_k, top_p, candidates=candidates)
     sampled = jax.vmap(jax.random.categorical)(keys, filtered)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
@@ -154,7 +213,7 @@ class JaxSampler:
         self._prefill = jax.jit(functools.partial(self._prefill_impl, config=config, cache_len=self.cache_len,
                                                   routing=self.return_routing))
         self._decode = jax.jit(functools.partial(self._decode_impl, config=config, max_new=max_new_tokens,
-                                                 routing=self.return_routing))
+                                                 routing=self.return_routing), static_argnames=("candidates",))
 
     @property
     def weight_version(self) -> int:
@@ -193,12 +252,14 @@ class JaxSampler:
         return logits, aux.cache, aux.routing
 
     def _decode_impl(self, params, logits, cache, lengths, seeds, temperature, top_p, top_k, stop_ids,
-                     row_max_new, active, *, config: ModelConfig, max_new: int, routing: bool):
+                     row_max_new, active, *, config: ModelConfig, max_new: int, routing: bool,
+                     candidates: int | None):
         """The sampling loop as one `lax.while_loop`, ending early once every row is done.
 
         Args: logits [B, V] f32 after prefill; cache KVCache; lengths [B] int32 prompt lengths;
           seeds [B] uint32; temperature, top_p [B] f32; top_k [B] int32; stop_ids [B, S] int32 (-1 pad);
-          row_max_new [B] int32; active [B] bool (False for padding rows).
+          row_max_new [B] int32; active [B] bool (False for padding rows); candidates: static, the
+          filter's (`filter_candidates`: None when every row has top-k and top-p off).
         Returns: (tokens [B, max_new] int32, logprobs [B, max_new] f32, counts [B] int32, stopped [B] bool,
           routed experts [L, B, max_new, k] int32 of each fed output token (-1 where not fed), or None).
         """
@@ -214,7 +275,7 @@ class JaxSampler:
         def body(state):
             t, logits, cache, done, counts, stopped, out_tokens, out_logp, routes = state
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-            tokens, logp = sample_tokens(logits, step_keys, temperature, top_p, top_k)
+            tokens, logp = sample_tokens(logits, step_keys, temperature, top_p, top_k, candidates=candidates)
             writing = ~done
             out_tokens = out_tokens.at[:, t].set(jnp.where(writing, tokens, 0))
             out_logp = out_logp.at[:, t].set(jnp.where(writing, logp, 0.0))
@@ -304,7 +365,8 @@ class JaxSampler:
         with use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             logits, cache, prompt_routes = self._prefill(model_params, tokens, lengths)
             out = self._decode(model_params, logits, cache, lengths, row_seeds, temperature, top_p, top_k,
-                               stop_ids, row_max_new, active)
+                               stop_ids, row_max_new, active,
+                               candidates=filter_candidates(top_k, top_p, self.config.vocab_size))
         out_tokens, out_logp, counts, stopped, routes = jax.device_get(out)
         prompt_routes = jax.device_get(prompt_routes)
 

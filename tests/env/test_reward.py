@@ -178,3 +178,31 @@ def test_milestones_ignore_unknown_and_partial_markers():
     text = "[ace-milestone] imports\nxx [ace-milestone] data_loaded\n[ace-milestone] rocket\n"
     assert milestones_reached(text) == {"imports"}
     assert "imports" not in strip_markers(text) and "xx [ace-milestone] data_loaded" in strip_markers(text)
+
+
+def test_instrument_parses_one_script_at_a_time(monkeypatch):
+    # Rollout workers instrument scripts in threads; CPython 3.11's ast.parse is not thread-safe
+    # (python/cpython#106905), so no two parses may overlap.
+    import ast
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ace.env.reward as reward
+
+    inside, peak, lock, real_parse = [0], [0], threading.Lock(), ast.parse
+
+    def slow_parse(code, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        time.sleep(0.002)
+        with lock:
+            inside[0] -= 1
+        return real_parse(code, *args, **kwargs)
+
+    monkeypatch.setattr(reward.ast, "parse", slow_parse)
+    with ThreadPoolExecutor(8) as pool:
+        scripts = list(pool.map(instrument, [f"x = {i}\n" for i in range(64)]))
+    assert peak[0] == 1
+    assert all("x = " in s for s in scripts)

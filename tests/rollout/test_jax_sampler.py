@@ -7,7 +7,8 @@ import pytest
 from ace.models import TINY, TINY_DENSE, forward, init_params
 from ace.models.sharding import make_mesh
 from ace.rollout.engine import RolloutEngine, SamplingParams
-from ace.rollout.jax_sampler import JaxSampler, apply_top_k, apply_top_p
+from ace.rollout.jax_sampler import (JaxSampler, apply_top_k, apply_top_p, filter_candidates, filter_logits,
+                                     sample_tokens)
 from ace.train.batches import make_batch
 from ace.train.learner import LearnerConfig, learner_logprobs
 from ace.train.queue import Sample
@@ -70,6 +71,38 @@ def test_top_k_and_top_p_filters_match_numpy():
     np.testing.assert_array_equal(np.asarray(jax.jit(apply_top_p)(logits, p)), _numpy_top_p(logits, p))
     with pytest.raises(ValueError, match="top_k"):
         apply_top_k(jnp.asarray(logits), jnp.zeros(3, jnp.int32))
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_sort_free_filter_equals_the_sort_based_reference(scale):
+    # Flat rows (scale 0.3) put the nucleus beyond the candidates: the batch falls back to the sort.
+    vocab = 300
+    logits = np.array(jax.random.normal(jax.random.key(2), (8, vocab)) * scale, np.float32)
+    logits[7, :5] = logits[7].max() + 1.0  # ties at the top-k threshold are kept, as in the reference
+    for k, p in [(np.array([0, 1, 3, 10, 64, 0, 0, 5]), np.array([1.0, 0.05, 0.3, 0.5, 0.9, 0.99, 0.7, 1.0])),
+                 (np.zeros(8, int), np.full(8, 0.95)), (np.full(8, 4), np.ones(8))]:
+        k, p = k.astype(np.int32), p.astype(np.float32)
+        candidates = filter_candidates(k, p, vocab)
+        want = np.asarray(apply_top_p(apply_top_k(jnp.asarray(logits), k), p))
+        got = np.asarray(jax.jit(filter_logits, static_argnames="candidates")(logits, k, p, candidates=candidates))
+        np.testing.assert_array_equal(got, want)
+    assert filter_candidates(np.zeros(4, np.int32), np.ones(4, np.float32), vocab) is None
+    assert filter_candidates(np.array([0, 0, 0, vocab]), np.ones(4, np.float32), vocab) is None
+    assert filter_candidates(np.array([0, 200, 0, 0]), np.ones(4, np.float32), vocab) == 200
+
+
+def test_sampling_without_filters_draws_what_the_reference_draws():
+    # Skipping filters that are off must not change a single draw.
+    logits = jax.random.normal(jax.random.key(3), (8, 500)) * 2.0
+    keys = jax.vmap(jax.random.key)(jnp.arange(8, dtype=jnp.uint32))
+    t, p, k = jnp.full(8, 0.8), jnp.ones(8), jnp.zeros(8, jnp.int32)
+    ref = sample_tokens(logits, keys, t, p, k, candidates=0)
+    skip = sample_tokens(logits, keys, t, p, k, candidates=None)
+    fast = sample_tokens(logits, keys, t, jnp.full(8, 0.9), jnp.full(8, 20, jnp.int32), candidates=64)
+    slow = sample_tokens(logits, keys, t, jnp.full(8, 0.9), jnp.full(8, 20, jnp.int32), candidates=0)
+    for a, b in ((ref, skip), (fast, slow)):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
 def test_sampler_implements_the_rollout_protocol(sampler):
@@ -148,10 +181,12 @@ def test_requests_in_one_bucket_compile_prefill_and_decode_once(params):
     engine = JaxSampler(params, CONFIG, max_batch=2, max_prompt_len=12, max_new_tokens=3, prompt_buckets=(4, 8))
     for prompts in ([[1, 2]], [[1, 2, 3], [4]], [[5, 6, 7, 8], [9], [10, 11]]):
         engine.generate(prompts, SamplingParams(max_new_tokens=3, temperature=0.7, top_k=3))
-    engine.generate([[1]], SamplingParams(max_new_tokens=1, temperature=0.0, stop_token_ids=(2,)))
     assert engine.trace_counts == {"prefill": 1, "decode": 1}
+    # Filters off (top-k 0, top-p 1) is the one other decode program: it skips filtering.
+    engine.generate([[1]], SamplingParams(max_new_tokens=1, temperature=0.0, stop_token_ids=(2,)))
+    assert engine.trace_counts == {"prefill": 1, "decode": 2}
     engine.generate([[1] * 7], SamplingParams(max_new_tokens=2))
-    assert engine.trace_counts == {"prefill": 2, "decode": 1}
+    assert engine.trace_counts == {"prefill": 2, "decode": 2}
 
 
 def test_sampler_on_a_mesh_equals_the_unsharded_sampler(sampler, params):
