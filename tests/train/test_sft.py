@@ -23,7 +23,7 @@ TEST_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads"
 CFG = {"seed": 0, "model": {"name": "tiny", "hf_path": None},
        "env": {"max_steps": 4, "exec_timeout_s": 60, "suite_seed": 0},
        "sft": {"epochs": 1, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "scripts_per_comp": 3,
-               "vocab_size": 512, "max_len": 2048, "model": TEST_MODEL}}
+               "vocab_size": 512, "max_len": 4096, "model": TEST_MODEL}}
 
 
 class RefusingSandbox:
