@@ -1,12 +1,16 @@
 """Environment throughput: scripted-agent episodes per minute on the built-in suite, and the
-subprocess sandbox's cost per execution against a bare `subprocess.run` of the same script.
+subprocess sandbox's cost per execution against a bare `subprocess.run` of the same script, with
+the fork server (runs forked from a zygote that imported numpy, pandas and scikit-learn) and
+without it (a fresh interpreter per run, the baseline).
 
     python bench/env.py [--split all] [--repeats 10]
 
 The scripted agent takes four actions per episode (request_info, validate_code and
 execute_code of a fast reference solution, submit), so an episode costs two sandbox runs and
 two gradings. The overhead figure runs one script both ways, from the same folder layout,
-`--repeats` times each, alternating, and prints the ratio of mean wall times.
+`--repeats` times each, alternating, and prints the ratio of mean wall times. The last lines
+are the ratios of the two sandboxes: episodes per minute, and a reference solution's time
+against a bare `subprocess.run`.
 """
 from __future__ import annotations
 
@@ -79,18 +83,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     comps = load_suite(args.split)
-    with SubprocessSandbox(SandboxLimits(wall_time_s=120)) as sandbox:
-        n, seconds, valid = scripted_episodes(comps, sandbox)
-        print(f"scripted agent: {n} episodes ({valid} valid) in {seconds:.1f}s = "
-              f"{60 * n / seconds:.1f} episodes/min (isolation: {sandbox.isolation})")
-        sklearn_code = next(s for s in reference_scripts(comps[0]) if s.name in FAST).code
-        for name, code, repeats in (("trivial script", TRIVIAL, args.repeats),
-                                    (f"reference script ({comps[0].comp_id})", sklearn_code,
-                                     max(2, args.repeats // 3))):
-            sb, bare = execution_overhead(sandbox, comps[0].public_dir, code, repeats)
-            print(f"{name}: sandbox {1000 * sb:.0f} ms vs bare subprocess.run {1000 * bare:.0f} ms "
-                  f"per execution: overhead {1000 * (sb - bare):+.0f} ms, ratio {sb / bare:.2f}x "
-                  f"(n={repeats})")
+    figures = {}
+    for label, fork_server in (("fork server", True), ("fresh interpreter", False)):
+        with SubprocessSandbox(SandboxLimits(wall_time_s=120), fork_server=fork_server) as sandbox:
+            print(f"-- sandbox: {label} (isolation: {sandbox.isolation})")
+            n, seconds, valid = scripted_episodes(comps, sandbox)
+            per_min = 60 * n / seconds
+            print(f"scripted agent: {n} episodes ({valid} valid) in {seconds:.1f}s = {per_min:.1f} episodes/min")
+            sklearn_code = next(s for s in reference_scripts(comps[0]) if s.name in FAST).code
+            for name, code, repeats in (("trivial script", TRIVIAL, args.repeats),
+                                        (f"reference script ({comps[0].comp_id})", sklearn_code,
+                                         max(2, args.repeats // 3))):
+                sb, bare = execution_overhead(sandbox, comps[0].public_dir, code, repeats)
+                print(f"{name}: sandbox {1000 * sb:.0f} ms vs bare subprocess.run {1000 * bare:.0f} ms "
+                      f"per execution: overhead {1000 * (sb - bare):+.0f} ms, ratio {sb / bare:.2f}x "
+                      f"(n={repeats})")
+            figures[fork_server] = (per_min, sb / bare)
+    print(f"fork server vs fresh interpreter: {figures[True][0] / figures[False][0]:.2f}x episodes/min; "
+          f"reference script {figures[True][1]:.2f}x a bare subprocess.run "
+          f"(fresh interpreter: {figures[False][1]:.2f}x)")
 
 
 if __name__ == "__main__":

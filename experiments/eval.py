@@ -263,7 +263,7 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
       {"metrics": {name: MeanSE}, "episodes": {seed: [Episode]}, "step": int, "table": str (the printed
       table), "reports": {seed: path of its grading report}, "out_dir": Path, "cfg": dict}.
     """
-    from ace.env.sandboxes import make_sandbox
+    from ace.env.sandboxes import sandbox_from_config
     from ace.eval import format_lite_table, format_table
     from ace.train.experiment import evaluate_policy
 
@@ -290,7 +290,7 @@ def evaluate_checkpoint(cfg: Mapping[str, Any], *, overrides: Sequence[str] | No
           f"seeds {seeds}", flush=True)
     out_dir = policy.run_dir / "eval" / f"{suite}-step{policy.step}"
     submissions_dir = out_dir / "submissions"
-    with make_sandbox(cfg["env"]["sandbox"]) as sandbox:
+    with sandbox_from_config(cfg["env"]) as sandbox:
         result = evaluate_policy(policy.params, policy.model_config, policy.tokenizer, comps, sandbox, seeds=seeds,
                                  cfg=cfg, prompt_cfg=policy.prompt_cfg, submissions_dir=submissions_dir)
     full, lite = format_table(result.metrics), format_lite_table(result.metrics)

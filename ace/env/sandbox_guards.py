@@ -79,10 +79,15 @@ class _AceSeedAfterImport:
         return None
 
 
-if "random" in _ace_sys.modules:  # imported during start-up already
-    _ace_sys.modules["random"].seed(_ACE_SEED)
-    _ace_reseed_forks(_ace_sys.modules["random"])
-_ace_sys.meta_path.insert(0, _AceSeedAfterImport())
+_ace_finder = _AceSeedAfterImport()
+for _ace_name in sorted(_ace_finder.names):
+    # Imported before this ran: during start-up, or by the fork server's zygote (ace/env/zygote.py).
+    if _ace_name in _ace_sys.modules:
+        _ace_sys.modules[_ace_name].seed(_ACE_SEED)
+        if _ace_name == "random":
+            _ace_reseed_forks(_ace_sys.modules["random"])
+        _ace_finder.names = _ace_finder.names - {{_ace_name}}
+_ace_sys.meta_path.insert(0, _ace_finder)
 '''.format(seed=PROGRAM_SEED)
 
 

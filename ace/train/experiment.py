@@ -286,7 +286,7 @@ def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, A
        "figure_path", "out_dir"}.
     """
     from ace.curriculum import CurriculumConfig
-    from ace.env.sandboxes import make_sandbox
+    from ace.env.sandboxes import sandbox_from_config
     from ace.train.devices import describe_split, init_distributed, learner_mesh, restrict_learner_gpus
     from ace.train.engines import open_engine, open_mirror_engine
     from ace.train.multihost import barrier, is_controller
@@ -321,7 +321,7 @@ def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, A
     say(f"[ace] {len(train_comps)} training and {len(held_out)} {eval_kind} competitions ({cfg['env']['kind']}); "
         f"output in {out_dir}", flush=True)
     say(describe_split(mesh, cfg, learner_gpus), flush=True)
-    with (make_sandbox(cfg["env"]["sandbox"]) if controller else contextlib.nullcontext()) as sandbox:
+    with (sandbox_from_config(cfg["env"]) if controller else contextlib.nullcontext()) as sandbox:
         t0 = time.perf_counter()
         policy = load_policy(cfg, train_comps, sandbox, mesh=mesh, progress=bool(cfg.get("progress", True)))
         shown = {k: v for k, v in policy.stats.items() if k not in ("history", "model_config")}

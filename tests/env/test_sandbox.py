@@ -73,9 +73,11 @@ def world(tmp_path_factory):
     return {"base": base, "public": public, "private": private, "grader": grader}
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    with SubprocessSandbox(LIMITS) as sb:
+@pytest.fixture(scope="module", params=[True, False], ids=["forked", "fresh"])
+def sandbox(request):
+    """Both ways of starting a program: forks of the fork server's zygote, and fresh interpreters."""
+    with SubprocessSandbox(LIMITS, fork_server=request.param) as sb:
+        assert (sb.fork_server is not None and sb.fork_server.alive) == request.param
         yield sb
 
 
