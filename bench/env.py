@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ace.env.agent import Action, format_action  # noqa: E402
+from ace.env.actions import Action, format_action  # noqa: E402
 from ace.env.episode import run_episode, scripted_policy  # noqa: E402
 from ace.env.gym import MLEEnv  # noqa: E402
 from ace.env.reference_solutions import reference_scripts  # noqa: E402

@@ -130,7 +130,7 @@ def _tokenizer(meta: Mapping[str, Any], run_dir: Path):
 
 
 def _prompt_config(run_dir: Path):
-    from ace.env.agent import PromptConfig
+    from ace.env.prompt import PromptConfig
 
     file = run_dir / "prompt_config.json"
     return PromptConfig(**json.loads(file.read_text())) if file.is_file() else None

@@ -13,7 +13,8 @@ import pytest
 
 from ace.curriculum import init_table
 from ace.curriculum.store import TaskStore
-from ace.env.agent import AgentState, PromptConfig, build_messages
+from ace.env.agent import AgentState
+from ace.env.prompt import PromptConfig, build_messages
 from ace.env.suites import load_suite
 from ace.eval import METRICS
 from ace.models.checkpoint import Checkpointer

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ace.env.agent import AgentState, build_messages
+from ace.env.agent import AgentState
+from ace.env.prompt import build_messages
 from ace.env.subprocess_sandbox import SubprocessSandbox
 from ace.env.suites import load_suite
 from ace.models.configs import TINY

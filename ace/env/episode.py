@@ -11,8 +11,10 @@ import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
-from ace.env.agent import Action, AgentState, FormatError, parse_action, render_prompt
+from ace.env.actions import Action, FormatError, parse_action
+from ace.env.agent import AgentState
 from ace.env.gym import MLEEnv
+from ace.env.prompt import render_prompt
 
 
 @dataclasses.dataclass(frozen=True)

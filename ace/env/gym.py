@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ace.env.agent import (AgentState, FormatError, PromptConfig, StepRecord, build_messages, data_summary,
-                           parse_action, render_record)
+from ace.env.actions import FormatError, parse_action
+from ace.env.agent import AgentState, StepRecord
+from ace.env.prompt import PromptConfig, build_messages, data_summary, render_record
 from ace.env.reward import RewardConfig, instrument as instrument_code
 from ace.env.reward import milestones_reached, step_reward, strip_markers
 from ace.env.sandbox_guards import mask_workspace_path

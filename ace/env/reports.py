@@ -216,7 +216,7 @@ def write_grading_report(aggregate: Mapping[str, Any], out_dir: Path | str) -> P
 def episode_transcript(episode: Any) -> dict[str, Any]:
     """An `ace.env.episode.Episode` as plain data: per step the action as the model wrote it (or the
     text that held no action, with the format error), the outcome, the reward and the observation."""
-    from ace.env.agent import Action, format_action
+    from ace.env.actions import Action, format_action
 
     steps = []
     for i, step in enumerate(episode.steps, 1):

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import jax
 
 from ace.models.sharding import make_mesh, resolve_mesh_shape
-from ace.rollout.sglang_pool import PoolConfigError, count_host_gpus, parse_device_list
+from ace.rollout.sglang_pool_config import PoolConfigError, count_host_gpus, parse_device_list
 
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS",)
 DISTRIBUTED_MODES = ("auto", True, False)

@@ -164,7 +164,8 @@ def open_engine(cfg: Mapping[str, Any], policy: Any, out_dir: str | Path, *, max
                                           seed=int(cfg["seed"]), return_routing=wants_routing(cfg)))
     if kind != "sglang":
         raise ValueError(f"rollout.kind={kind!r}: expected 'jax_sampler' or 'sglang'")
-    from ace.rollout.sglang_pool import SGLangPool, SGLangPoolConfig
+    from ace.rollout.sglang_pool import SGLangPool
+    from ace.rollout.sglang_pool_config import SGLangPoolConfig
 
     pcfg = SGLangPoolConfig.from_cfg({**rollout, "return_routing": wants_routing(cfg)})
     out_dir = Path(out_dir)

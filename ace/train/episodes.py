@@ -8,7 +8,7 @@ weights give the same tokens whatever else runs (the engine's contract for seede
 
 Nothing else that varies between runs reaches the next prompt: the sandbox runs of one turn may
 finish in any order, but their outcomes are attached to their episodes by index, never by arrival;
-the prompt shows no wall-clock durations (`ace.env.agent.render_record`) nor workspace paths
+the prompt shows no wall-clock durations (`ace.env.prompt.render_record`) nor workspace paths
 (`ace.env.gym.MLEEnv`); and the sandbox starts every script with fixed seeds (`ace.env.subprocess_sandbox`).
 So one checkpoint evaluated twice with the same seeds gives the same episodes, token for token,
 on a quiet machine or a busy one (`tests/test_eval_determinism.py`).
@@ -20,8 +20,10 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
-from ace.env.agent import AgentState, parse_action, render_prompt
+from ace.env.actions import parse_action
+from ace.env.agent import AgentState
 from ace.env.episode import Episode, Step
+from ace.env.prompt import render_prompt
 from ace.rollout.engine import SamplingParams
 
 _TURN_SEED_STRIDE = 1000  # turns per episode never reach this, so (seed, turn) pairs never collide

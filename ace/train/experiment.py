@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from ace.env.agent import PromptConfig
+from ace.env.prompt import PromptConfig
 from ace.env.reward import RewardConfig
 from ace.env.reports import write_transcripts
 from ace.eval import MeanSE, evaluate_episodes, mean_se
@@ -303,7 +303,7 @@ def run_experiment(cfg: Mapping[str, Any], *, before: Any = None) -> dict[str, A
     if cfg["model"].get("hf_path"):
         check_hf_folder(cfg["model"]["hf_path"], dtype=cfg["model"].get("dtype"))
     if cfg["rollout"]["kind"] == "sglang":
-        from ace.rollout.sglang_pool import SGLangPoolConfig
+        from ace.rollout.sglang_pool_config import SGLangPoolConfig
         SGLangPoolConfig.from_cfg(cfg["rollout"])
     learner_gpus = restrict_learner_gpus(cfg)
     if init_distributed(cfg):

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
-from ace.env.agent import PromptConfig
+from ace.env.prompt import PromptConfig
 from ace.models.configs import ModelConfig
 from ace.models.tokenizer import TOKENIZER_FILE, Tokenizer
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ace.env.agent import PromptConfig
+from ace.env.prompt import PromptConfig
 from ace.env.reward import RewardConfig
 from ace.rollout.engine import SamplingParams
 from ace.train.episodes import run_lockstep

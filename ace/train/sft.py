@@ -14,12 +14,15 @@ and the graded runs become (state -> action) pairs of three kinds:
 A byte-level BPE is trained on the rendered corpus, the tiny Qwen3-MoE policy (vocab rounded up to
 a multiple of 64) is fine-tuned by cross-entropy on the action tokens, and corpus, tokenizer and
 params are cached under `<cache_root>/<corpus key>/<train key>/`, so a second run skips the stage.
+
+This module holds the stage: its config (`SFTConfig`), its result and `run_sft_stage`, which caches
+each part. The parts live beside it: the corpus in `ace.train.sft_corpus` (its scripts in
+`ace.train.sft_scripts`), the tokenizer and token rows in `ace.train.sft_tokens`, and the
+fine-tuning loop in `ace.train.sft_training`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import shutil
@@ -29,24 +32,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from tqdm.auto import tqdm
 
-from ace.env.agent import PromptConfig, render_prompt
+from ace.env.prompt import PromptConfig
 from ace.env.suites import SUITE_VERSION
 from ace.models import checkpoint, qwen3
 from ace.models.configs import TINY, ModelConfig, get_config
-from ace.models.logprobs import model_token_logprobs
-from ace.models.sharding import RULES, logical_to_sharding, use_mesh
-from ace.models.tokenizer import SPLIT_PATTERNS, Tokenizer, train_tiny_tokenizer
-from ace.train.learner import LearnerConfig, LearnerState, init_learner, make_optimizer, state_shardings
-from ace.train.learner import _schedule as learning_rate_schedule  # the optimizer's own schedule, for logging
+from ace.models.tokenizer import SPLIT_PATTERNS, Tokenizer
 from ace.train.sft_corpus import (EXAMPLE_KINDS, SFTExample, build_sft_corpus,  # noqa: F401
                                   corpus_stats, load_or_build_corpus)
 from ace.train.sft_corpus import _publish
 from ace.train.sft_scripts import CandidateScript, compact_script, select_diverse  # noqa: F401
+from ace.train.sft_tokens import tokenize_examples, train_corpus_tokenizer
+from ace.train.sft_training import sft_train
 
 # Bump when the corpus layout, script rendering or example construction changes (invalidates caches).
 # 2: prompts without wall-clock durations or workspace paths; 3: sft.wrong_kind_first; 4: sft.infer_task
@@ -62,213 +59,6 @@ COMPACT_PROMPT = PromptConfig(description_chars=360, stdout_tail_chars=160, stde
 SFT_TINY = dataclasses.replace(TINY, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                                moe_intermediate_size=64, max_position_embeddings=4096)
 
-
-# --- tokens -----------------------------------------------------------------------------------
-
-def _chatml(messages: Sequence[Mapping[str, str]]) -> str:
-    """The text `train_tiny_tokenizer`'s ChatML template renders, before the tokenizer exists."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
-
-
-def train_corpus_tokenizer(examples: Sequence[SFTExample], *, vocab_size: int, out_dir: str | Path | None,
-                           split: str = "qwen") -> Tokenizer:
-    """A byte-level BPE (`train_tiny_tokenizer`, ChatML) trained on the rendered prompts and actions.
-
-    Each distinct prompt counts once, so the repeated system prompt does not crowd out code merges.
-    """
-    if not examples:
-        raise ValueError("train_corpus_tokenizer needs at least one example")
-    texts = sorted({_chatml(e.messages) for e in examples}) + [e.action + "<|im_end|>" for e in examples]
-    return train_tiny_tokenizer(texts, vocab_size, out_dir, split=split)
-
-
-def tokenize_examples(tokenizer: Tokenizer, examples: Sequence[SFTExample], *,
-                      max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt ids (exactly what `render_prompt` gives the policy) followed by the action ids and EOS.
-
-    Args:
-      tokenizer: a ChatML tokenizer with an EOS token (`<|im_end|>`, the sampler's stop id).
-      examples: [N] pairs.
-      max_len: the longest allowed row; T is the longest row rounded up to a multiple of 8.
-    Returns:
-      tokens [N, T] int32, right-padded with the pad id; loss_mask [N, T] int32, aligned with tokens:
-      1 where tokens[n, t] is an action token or the closing EOS (predicted from tokens[n, :t]).
-    Raises:
-      ValueError: an example is longer than max_len (names it and its length).
-    """
-    if tokenizer.eos_id is None or tokenizer.pad_id is None:
-        raise ValueError("tokenize_examples needs a tokenizer with eos and pad tokens")
-    if not examples:
-        raise ValueError("tokenize_examples needs at least one example")
-    rows = []
-    for i, e in enumerate(examples):
-        prompt = render_prompt(tokenizer, e.messages)
-        action = tokenizer.encode(e.action) + [tokenizer.eos_id]
-        if len(prompt) + len(action) > max_len:
-            raise ValueError(f"example {i} ({e.comp_id}, {e.kind}) has {len(prompt)} prompt + {len(action)} "
-                             f"action tokens, over max_len={max_len}")
-        rows.append((prompt, action))
-    t = -(-max(len(p) + len(a) for p, a in rows) // 8) * 8
-    tokens = np.full((len(rows), t), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(rows), t), np.int32)
-    for i, (p, a) in enumerate(rows):
-        tokens[i, :len(p) + len(a)] = p + a
-        mask[i, len(p):len(p) + len(a)] = 1
-    return tokens, mask
-
-
-# --- training ---------------------------------------------------------------------------------
-
-def sft_loss(params, model_config: ModelConfig, tokens: jax.Array, loss_mask: jax.Array, *,
-             aux_loss_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy of the masked tokens, plus the MoE load-balancing loss.
-
-    Args:
-      tokens: [B, T] int32; loss_mask: [B, T], 1 = tokens[b, t] is a target (predicted at t - 1).
-      aux_loss_coef: weight of the router's load-balancing loss (0 for dense models).
-    Returns:
-      (loss scalar, {"ce", "aux_loss", "tokens", "token_prob"}); token_prob is the mean probability
-      the model gives each target token.
-    """
-    if loss_mask.shape != tokens.shape or tokens.ndim != 2:
-        raise ValueError(f"sft_loss: tokens and loss_mask must both be [B, T], got {tokens.shape} and {loss_mask.shape}")
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
-    # Segment 0 marks padding, which the router's load-balancing statistics must ignore.
-    last = jnp.max(jnp.where(loss_mask > 0, jnp.arange(t)[None, :], -1), axis=1)
-    segment_ids = (jnp.arange(t)[None, :] <= last[:, None]).astype(jnp.int32)
-    logp, aux = model_token_logprobs(params, model_config, tokens, positions, targets, segment_ids=segment_ids)
-    count = jnp.maximum(jnp.sum(weights), 1.0)
-    ce = -jnp.sum(logp * weights) / count
-    loss = ce + aux_loss_coef * aux.aux_loss
-    return loss, {"ce": ce, "aux_loss": aux.aux_loss, "tokens": jnp.sum(weights),
-                  "token_prob": jnp.sum(jnp.exp(logp) * weights) / count}
-
-
-def sft_step(state: LearnerState, batch: tuple[jax.Array, jax.Array], *, model_config: ModelConfig,
-             optimizer, aux_loss_coef: float) -> tuple[LearnerState, dict[str, jax.Array]]:
-    """One AdamW step on `sft_loss`; pure (jit it with `functools.partial` over the keywords).
-
-    Args:
-      state: LearnerState (float32 params, optax state, int32 step, PRNG key).
-      batch: (tokens [B, T] int32, loss_mask [B, T] int32) as `tokenize_examples` makes them.
-    Returns:
-      (new state, {"loss", "ce", "aux_loss", "tokens", "token_prob", "grad_norm"} float32 scalars).
-    """
-    tokens, loss_mask = batch
-    grad_fn = jax.value_and_grad(functools.partial(sft_loss, model_config=model_config, aux_loss_coef=aux_loss_coef),
-                                 has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, tokens=tokens, loss_mask=loss_mask)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    rng, _ = jax.random.split(state.rng)
-    metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
-    return (LearnerState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                         step=state.step + 1, rng=rng),
-            {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
-
-
-def _batches(lengths: np.ndarray, batch_size: int, epochs: int, seed: int,
-             buckets: int) -> list[tuple[np.ndarray, int]]:
-    """(row indices, row length) of every step.
-
-    Rows are split by length into `buckets` groups of about equal count, each padded only to its own
-    longest row (rounded up to 8), since [T, T] attention makes padding costly; each group compiles
-    once. Every epoch reshuffles rows within groups and the order of all batches; a group's last
-    batch is filled with row -1 (no loss) so that shapes stay fixed.
-    """
-    rng = np.random.default_rng(seed)
-    groups = [g for g in np.array_split(np.argsort(lengths, kind="stable"), buckets) if len(g)]
-    widths = [int(-(-lengths[g].max() // 8) * 8) for g in groups]
-    out = []
-    for _ in range(epochs):
-        epoch = []
-        for g, width in zip(groups, widths):
-            order = rng.permutation(g)
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                epoch.append((np.concatenate([rows, np.full(batch_size - len(rows), -1)]), width))
-        out.extend(epoch[i] for i in rng.permutation(len(epoch)))
-    return out
-
-
-def sft_train(params, model_config: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, *, epochs: int,
-              batch_size: int, lr: float, seed: int, mesh: jax.sharding.Mesh | None = None, log_every: int = 10,
-              warmup_steps: int = 5, max_grad_norm: float = 1.0, length_buckets: int = 2,
-              progress: bool = True) -> tuple[Any, list[dict]]:
-    """Fine-tune `params` on (tokens, loss_mask) with AdamW and a warmup + cosine learning rate.
-
-    Args:
-      params: the model's params tree; model_config: its config.
-      tokens: [N, T] int32; loss_mask: [N, T] (see `tokenize_examples`).
-      epochs, batch_size: passes over the N rows and rows per step (a partial last batch is padded
-        with loss-free rows).
-      lr: peak learning rate; seed: shuffling.
-      mesh: when given, params and optimizer state are sharded by the rules table and the batch's
-        rows over the "batch" rule's mesh axes.
-      log_every: steps between progress-bar updates and history entries.
-      warmup_steps, max_grad_norm: linear warmup length and global gradient-norm clip.
-      length_buckets: groups of rows padded to their own length (one compilation each).
-    Returns:
-      (params, history): history is a list of {"step", "epoch", "loss", "ce", "token_prob", "grad_norm",
-      "lr", "tokens"} dicts, one every `log_every` steps and one for the last step.
-    """
-    tokens, loss_mask = np.asarray(tokens, np.int32), np.asarray(loss_mask, np.int32)
-    if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
-        raise ValueError(f"tokens and loss_mask must both be [N, T], got {tokens.shape} and {loss_mask.shape}")
-    if tokens.min() < 0 or tokens.max() >= model_config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, vocab_size={model_config.vocab_size}), got "
-                         f"[{tokens.min()}, {tokens.max()}]")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"sft_train: {name} must be an int >= 1, got {value!r}")
-    lengths = np.max(np.where(loss_mask > 0, np.arange(tokens.shape[1])[None, :] + 1, 1), axis=1)
-    steps = _batches(lengths, batch_size, epochs, seed, length_buckets)
-    cfg = LearnerConfig(lr=lr, warmup_steps=min(warmup_steps, len(steps) - 1), schedule="cosine",
-                        total_steps=max(len(steps), 1 + min(warmup_steps, len(steps) - 1)),
-                        max_grad_norm=max_grad_norm)
-    optimizer = make_optimizer(cfg)
-    schedule = learning_rate_schedule(cfg)
-    step_fn = functools.partial(sft_step, model_config=model_config, optimizer=optimizer,
-                                aux_loss_coef=model_config.router_aux_loss_coef if model_config.is_moe else 0.0)
-    # A copy, because the jitted step donates its state and the caller keeps `params`.
-    state = init_learner(jax.tree.map(jnp.array, params), cfg, jax.random.key(seed))
-    if mesh is None:
-        jitted = jax.jit(step_fn, donate_argnums=(0,))
-        place = lambda x: x  # noqa: E731
-        context = contextlib.nullcontext
-    else:
-        shardings = state_shardings(cfg, model_config, mesh)
-        state = jax.device_put(state, shardings)
-        row = logical_to_sharding(("batch", None), mesh, RULES, (batch_size, tokens.shape[1]))
-        # Rows only split over the batch axes, so one sharding serves every bucket width.
-        jitted = jax.jit(step_fn, in_shardings=(shardings, (row, row)), donate_argnums=(0,),
-                         out_shardings=(shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-        place = lambda x: jax.device_put(x, row)  # noqa: E731
-        context = functools.partial(use_mesh, mesh)
-    padded_tokens = np.concatenate([tokens, np.zeros_like(tokens[:1])])  # row -1: loss-free padding
-    padded_mask = np.concatenate([loss_mask, np.zeros_like(loss_mask[:1])])
-    history: list[dict] = []
-    per_epoch = len(steps) // epochs
-    bar = tqdm(total=len(steps), desc="sft", disable=not progress, leave=False)
-    try:
-        with context():
-            for i, (rows, width) in enumerate(steps):
-                batch = (place(padded_tokens[rows, :width]), place(padded_mask[rows, :width]))
-                state, metrics = jitted(state, batch)
-                if (i + 1) % log_every == 0 or i + 1 == len(steps):
-                    entry = {"step": i + 1, "epoch": i // per_epoch + 1, "lr": float(schedule(i)),
-                             **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-                    history.append(entry)
-                    bar.set_postfix(ce=f"{entry['ce']:.3f}", p=f"{entry['token_prob']:.2f}")
-                bar.update(1)
-    finally:
-        bar.close()
-    return state.params, history
-
-
-# --- the stage --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:

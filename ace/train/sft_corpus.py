@@ -4,7 +4,7 @@ For each training competition the reference population (`ace.env.reference_solut
 compact scripts (`ace.train.sft_scripts`: same model, preprocessing, feature choice and predictions, short
 enough for the tiny policy's generation budget); a diverse subset is run in the sandbox through
 `MLEEnv`, graded, and turned into `initial`, `improve` and `submit` examples. `ace.train.sft` trains on them.
-Their prompts come from `ace.env.agent.build_messages`, the renderer of RL and evaluation, over states
+Their prompts come from `ace.env.prompt.build_messages`, the renderer of RL and evaluation, over states
 that `MLEEnv` recorded, so SFT, RL and evaluation prompts have one layout and none shows a duration.
 """
 from __future__ import annotations
@@ -19,8 +19,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from ace.env.agent import Action, AgentState, PromptConfig, build_messages, data_summary, format_action
+from ace.env.actions import Action, format_action
+from ace.env.agent import AgentState
 from ace.env.gym import MLEEnv
+from ace.env.prompt import PromptConfig, build_messages, data_summary
 from ace.env.reference_solutions import mismatched_scripts, reference_scripts
 from ace.env.reward import RewardConfig
 from ace.train.sft_scripts import CandidateScript, compact_script, select_diverse

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ace.env.agent import (INFO_TOPICS, Action, AgentState, FormatError, PromptConfig, StepRecord,
-                           build_messages, format_action, parse_action, render_prompt)
+from ace.env.actions import INFO_TOPICS, Action, FormatError, format_action, parse_action
+from ace.env.agent import AgentState, StepRecord
+from ace.env.prompt import PromptConfig, build_messages, render_prompt
 from ace.env.task import Competition
 
 # Code without backtick fences or action tags, as a tiny model would write.

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from ace.env.agent import AgentState, PromptConfig, StepRecord, build_messages, render_record
+from ace.env.agent import AgentState, StepRecord
+from ace.env.prompt import PromptConfig, build_messages, render_record
 from ace.env.subprocess_sandbox import SubprocessSandbox
 from ace.env.sandbox_guards import mask_workspace_path
 from ace.env.suites import get_competition

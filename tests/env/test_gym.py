@@ -4,9 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ace.env.agent import Action, AgentState, PromptConfig, format_action, render_prompt
+from ace.env.actions import Action, format_action
+from ace.env.agent import AgentState
 from ace.env.episode import PolicyOutput, engine_policy, run_episode, run_group, scripted_policy
 from ace.env.gym import MLEEnv
+from ace.env.prompt import PromptConfig, render_prompt
 from ace.env.reward import RewardConfig, step_reward
 from ace.env.sandbox import SandboxLimits
 from ace.env.subprocess_sandbox import SubprocessSandbox

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ace.env.agent import Action, format_action
+from ace.env.actions import Action, format_action
 from ace.env.grading import grade_submission
 from ace.env.episode import run_episode, scripted_policy
 from ace.env.gym import MLEEnv

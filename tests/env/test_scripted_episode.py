@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from ace.env.agent import Action, format_action
+from ace.env.actions import Action, format_action
 from ace.env.grading import grade_submission
 from ace.env.episode import run_episode, scripted_policy
 from ace.env.gym import MLEEnv

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from ace.rollout.engine import RolloutEngine, SamplingParams
-from ace.rollout.sglang import (ArchitectureMismatch, SGLangClient, SGLangEngine, SGLangRequestError,
-                                ServerUnavailable, parse_generation, to_sglang_sampling_params)
+from ace.rollout.sglang import SGLangEngine
+from ace.rollout.sglang_client import (SGLangClient, SGLangRequestError, ServerUnavailable, parse_generation,
+                                       to_sglang_sampling_params)
 from ace.rollout.sglang_routing import RoutingFormatError, RoutingLayout, parse_routed_experts
 from ace.rollout.sglang_server import SGLangServer, ServerStartError, find_free_port
+from ace.rollout.sglang_weights import ArchitectureMismatch
 from tests.support.sglang_fake import fake_routing, reference_greedy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,7 +232,8 @@ def test_request_aborted_by_weight_update_is_redone_under_new_weights(launch, tm
 def test_servers_given_by_url_are_used_checked_and_waited_for_never_restarted(launch, tmp_path):
     """rollout.urls: the pool launches nothing, pushes to every server, and when one goes away it
     waits for its owner to bring it back, then gives it the current version."""
-    from ace.rollout.sglang_pool import SGLangPool, SGLangPoolConfig
+    from ace.rollout.sglang_pool import SGLangPool
+    from ace.rollout.sglang_pool_config import SGLangPoolConfig
 
     a, b = launch(), launch()
     cfg = SGLangPoolConfig.from_cfg({"urls": [a.url, b.url], "router": "never", "monitor_interval_s": 0.2,
@@ -341,7 +344,8 @@ def test_engine_returns_routing_of_every_request_from_servers_launched_for_it(la
 
 
 def test_pool_return_routing_launches_with_the_flag_and_bypasses_the_router(launch, tmp_path):
-    from ace.rollout.sglang_pool import PoolConfigError, SGLangPool, SGLangPoolConfig
+    from ace.rollout.sglang_pool import SGLangPool
+    from ace.rollout.sglang_pool_config import PoolConfigError, SGLangPoolConfig
 
     assert SGLangPoolConfig.from_cfg({}).return_routing is False
     cfg = SGLangPoolConfig.from_cfg({"num_servers": 2, "device": "cpu", "return_routing": True})

@@ -34,8 +34,10 @@ from ace.models.qwen3 import forward, init_params
 from ace.models.tokenizer import Tokenizer
 from ace.rollout.engine import RolloutEngine, SamplingParams
 from ace.rollout.jax_sampler import JaxSampler
-from ace.rollout.sglang import ArchitectureMismatch, SGLangClient, SGLangEngine
+from ace.rollout.sglang import SGLangEngine
+from ace.rollout.sglang_client import SGLangClient
 from ace.rollout.sglang_server import SGLangServer, find_free_port
+from ace.rollout.sglang_weights import ArchitectureMismatch
 from tests.support.tiny_hf import TOKENIZER_CORPUS, save_tiny_qwen3, save_tiny_tokenizer
 
 pytestmark = pytest.mark.slow

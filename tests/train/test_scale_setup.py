@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ace.rollout.sglang_pool import PoolConfigError, SGLangPool, SGLangPoolConfig, parse_device_list
+from ace.rollout.sglang_pool import SGLangPool
+from ace.rollout.sglang_pool_config import PoolConfigError, SGLangPoolConfig, parse_device_list
 from ace.train.devices import restrict_learner_gpus
 from ace.train.dry_run import DEVICE_MEMORY_GIB, FIT_FRACTION, GIB, run_dry_run
 from ace.train.experiment import load_competitions, run_experiment

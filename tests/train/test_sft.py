@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace.env.agent import parse_action, render_prompt
+from ace.env.actions import parse_action
+from ace.env.prompt import render_prompt
 from ace.env.reference_solutions import reference_scripts
 from ace.env.sandboxes import make_sandbox
 from ace.env.suites import get_competition, reference_leaderboard
@@ -15,7 +16,7 @@ from ace.models import qwen3
 from ace.models.configs import TINY
 from ace.models.sharding import make_mesh
 from ace.models.tokenizer import IM_END
-from ace.train import sft, sft_corpus
+from ace.train import sft, sft_corpus, sft_tokens, sft_training
 
 COMPS = ("iris-species", "diabetes-progression")
 TEST_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
@@ -132,7 +133,7 @@ def test_select_diverse_keeps_distinct_model_families(comps):
 def test_loss_mask_covers_exactly_the_action_tokens(stage):
     _, result, examples = stage
     tok = result.tokenizer
-    tokens, mask = sft.tokenize_examples(tok, examples, max_len=4096)
+    tokens, mask = sft_tokens.tokenize_examples(tok, examples, max_len=4096)
     assert tokens.dtype == np.int32 and tokens.shape == mask.shape and tokens.shape[1] % 8 == 0
     for row, m, e in zip(tokens, mask, examples):
         idx = np.flatnonzero(m)
@@ -142,7 +143,7 @@ def test_loss_mask_covers_exactly_the_action_tokens(stage):
         assert row[:idx[0]].tolist() == prompt
         assert np.all(row[idx[-1] + 1:] == tok.pad_id)
     with pytest.raises(ValueError, match="over max_len=64"):
-        sft.tokenize_examples(tok, examples[:1], max_len=64)
+        sft_tokens.tokenize_examples(tok, examples[:1], max_len=64)
 
 
 def _numpy_action_ce(params, config, tokens, mask) -> float:
@@ -157,14 +158,14 @@ def _numpy_action_ce(params, config, tokens, mask) -> float:
 
 def test_sft_train_lowers_action_cross_entropy(stage):
     _, result, examples = stage
-    tokens, mask = sft.tokenize_examples(result.tokenizer, examples, max_len=4096)
+    tokens, mask = sft_tokens.tokenize_examples(result.tokenizer, examples, max_len=4096)
     config = dataclasses.replace(result.model_config)
     params = qwen3.init_params(config, jax.random.key(1))
     before = _numpy_action_ce(params, config, tokens, mask)
-    loss, metrics = sft.sft_loss(params, config, jnp.asarray(tokens), jnp.asarray(mask), aux_loss_coef=0.0)
+    loss, metrics = sft_training.sft_loss(params, config, jnp.asarray(tokens), jnp.asarray(mask), aux_loss_coef=0.0)
     assert float(metrics["ce"]) == pytest.approx(before, rel=1e-4)
-    trained, history = sft.sft_train(params, config, tokens, mask, epochs=3, batch_size=4, lr=1e-2, seed=0,
-                                     warmup_steps=1, log_every=1, length_buckets=1, progress=False)
+    trained, history = sft_training.sft_train(params, config, tokens, mask, epochs=3, batch_size=4, lr=1e-2, seed=0,
+                                              warmup_steps=1, log_every=1, length_buckets=1, progress=False)
     after = _numpy_action_ce(trained, config, tokens, mask)
     assert after < before - 0.5, (before, after)
     assert history[-1]["ce"] < history[0]["ce"] and [h["step"] for h in history] == list(range(1, len(history) + 1))
@@ -179,9 +180,9 @@ def test_sft_train_on_a_mesh_matches_unsharded():
     mask[:, 12:] = 1
     params = qwen3.init_params(config, jax.random.key(0))
     kwargs = dict(epochs=1, batch_size=8, lr=1e-2, seed=0, warmup_steps=0, log_every=1, progress=False)
-    plain, h_plain = sft.sft_train(params, config, tokens, mask, **kwargs)
+    plain, h_plain = sft_training.sft_train(params, config, tokens, mask, **kwargs)
     mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
-    sharded, h_sharded = sft.sft_train(params, config, tokens, mask, mesh=mesh, **kwargs)
+    sharded, h_sharded = sft_training.sft_train(params, config, tokens, mask, mesh=mesh, **kwargs)
     assert h_plain[0]["loss"] == pytest.approx(h_sharded[0]["loss"], rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
                  plain, sharded)
@@ -236,7 +237,7 @@ def test_sft_on_top_of_an_hf_policy_keeps_its_tokenizer_and_config(stage, comps,
     params, config = load_hf_params(folder)
     tokenizer = Tokenizer.from_dir(folder)
     cfg = {**CFG, "sft": {**CFG["sft"], "max_len": 8192}}
-    tokens, mask = sft.tokenize_examples(tokenizer, examples, max_len=8192)
+    tokens, mask = sft_tokens.tokenize_examples(tokenizer, examples, max_len=8192)
     before = _numpy_action_ce(params, config, tokens[:4], mask[:4])
     out = sft.run_sft_stage(cfg, comps, RefusingSandbox(), cache_root=root, progress=False,
                             initial=(params, config, tokenizer, str(folder)))
@@ -250,7 +251,7 @@ def test_sft_on_top_of_an_hf_policy_keeps_its_tokenizer_and_config(stage, comps,
 
 
 def test_wrong_kind_first_gives_recovery_examples_and_is_never_imitated(comps):
-    from ace.env.agent import PromptConfig
+    from ace.env.prompt import PromptConfig
     from ace.env.reference_solutions import mismatched_scripts
 
     with make_sandbox("subprocess") as sandbox:
