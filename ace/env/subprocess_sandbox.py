@@ -89,11 +89,9 @@ class SubprocessSandbox:
         root: directory holding the workspaces (created; default a fresh temporary directory).
         python: interpreter that runs the programs (its packages are what programs can import).
         isolation: "auto" (namespaces when available), "namespaces" (error when unavailable) or "fallback".
-        fork_server: run programs as forks of a zygote that has imported `preload` (``ace.env.zygote``),
-            isolated as above; False starts a fresh interpreter per run. The zygote pays the imports
-            once (about 1.2 s of a 1.3 s reference solution); while it is down, runs use a fresh one.
-        preload: modules the zygote imports (those that fail to import are skipped; see
-            ``self.fork_server.failed``).
+        fork_server: fork each run from a zygote that imported `preload` once (`ace.env.fork_server`),
+            isolated as above; False (or a zygote that is down) starts a fresh interpreter per run.
+        preload: modules the zygote imports (failures are skipped: ``self.fork_server.failed``).
     """
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), *, root: Path | str | None = None,
