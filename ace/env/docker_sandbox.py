@@ -7,12 +7,21 @@ their host paths, so that a workspace's ``data`` symlink (``../../data/<id>``) r
 and outside the container. Each workspace gets its own unprivileged uid; every run executes as that uid,
 and when it ends (or times out) ``kill -9 -1`` run as the same uid removes whatever it left behind.
 
+With ``fork_server`` (the default) a zygote runs in the container as root (`ace/env/zygote.py`,
+``--listen`` mode: one per container), having imported numpy, pandas and scikit-learn once; each run is
+then a ``docker exec`` of `ace/env/zygote_client.py`, which has the zygote fork the program with the
+exec's own output streams, as the workspace's uid. The container keeps only the SETUID and SETGID
+capabilities for that (the program itself, as a non-root uid under ``no-new-privileges``, holds none).
+While the zygote is down a run starts a fresh interpreter, and the zygote is started again. The zygote's
+memory counts against the container's limit (its pages are shared with the runs it forks).
+
 The image carries only system libraries (see .ci/docker.sh, which builds ``ace-sandbox:test`` with
 ``docker import``); the interpreter that runs programs is the host's, mounted read-only at its own paths
 (``interpreter_roots``), so the container sees exactly the packages of the host's venv.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import select
@@ -22,7 +31,11 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+
+from ace.env import zygote_client
+from ace.env.fork_server import DEFAULT_PRELOAD
 
 from ace.env.sandbox import (
     ExecResult, SandboxError, SandboxLimits, Workspace, interpreter_roots, sandbox_env, stage_script,
@@ -60,13 +73,16 @@ class DockerSandbox:
         python: host interpreter mounted into the container and used to run programs.
         cpus: CPUs the container may use.
         base_url: docker engine address (default DOCKER_HOST or the local socket).
+        fork_server: fork runs from a zygote in the container (see the module docstring).
+        preload: modules the zygote imports.
     """
 
     isolation = "docker"
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), *, image: str = DEFAULT_IMAGE,
                  root: Path | str | None = None, python: str = sys.executable, cpus: float = 1.0,
-                 base_url: str | None = None):
+                 base_url: str | None = None, fork_server: bool = True,
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, start_timeout_s: float = 120.0):
         import docker
 
         if cpus <= 0:
@@ -88,17 +104,51 @@ class DockerSandbox:
                    str(self._root / "data"): {"bind": str(self._root / "data"), "mode": "ro"}}
         for r in interpreter_roots(python):
             volumes[str(r)] = {"bind": str(r), "mode": "ro"}
+        # The zygote's folder: its code, socket and ready file; only root (the zygote, the client) opens it.
+        self._ctl = self._root / "ctl"
+        self._ctl.mkdir(mode=0o700, exist_ok=True)
+        for name in ("zygote.py", "namespace_launcher.py", "zygote_client.py"):
+            shutil.copy(Path(zygote_client.__file__).with_name(name), self._ctl / name)
+        volumes[str(self._ctl)] = {"bind": str(self._ctl), "mode": "rw"}
+        self.preload, self.fork_server = tuple(preload), bool(fork_server)
         mb = 2**20
         self.container = self.client.containers.run(
             image, ["sleep", "infinity"], detach=True, init=True, network_mode="none",
             mem_limit=limits.memory_mb * mb, memswap_limit=limits.memory_mb * mb,
             pids_limit=limits.max_processes + _PIDS_HEADROOM, nano_cpus=int(cpus * 1e9),
             volumes=volumes, read_only=True, tmpfs={"/tmp": f"size={limits.max_file_mb}m,mode=1777"},
-            cap_drop=["ALL"], security_opt=["no-new-privileges"], labels={"ace.sandbox": "1"},
+            cap_drop=["ALL"], cap_add=["SETUID", "SETGID"] if self.fork_server else [],
+            security_opt=["no-new-privileges"], labels={"ace.sandbox": "1"},
             ulimits=[docker.types.Ulimit(name="fsize", soft=limits.max_file_mb * mb, hard=limits.max_file_mb * mb),
                      docker.types.Ulimit(name="nproc", soft=limits.max_processes, hard=limits.max_processes),
                      docker.types.Ulimit(name="core", soft=0, hard=0)],
         )
+
+        if self.fork_server:
+            self._start_zygote()
+            if not self._zygote_wait(start_timeout_s):
+                warnings.warn(f"the docker sandbox's zygote did not start within {start_timeout_s:.0f}s; "
+                              "runs use a fresh interpreter until it does", RuntimeWarning, stacklevel=2)
+
+    # -- the zygote
+    def _start_zygote(self) -> None:
+        for name in ("zygote.sock", "zygote.sock.ready"):
+            (self._ctl / name).unlink(missing_ok=True)
+        env = sandbox_env(self._ctl, self.python, self.limits, "/tmp")
+        self.container.exec_run([self.python, str(self._ctl / "zygote.py"), "--listen", str(self._ctl / "zygote.sock"),
+                                 json.dumps(list(self.preload))], user="0:0", detach=True, environment=env,
+                                workdir=str(self._ctl))
+
+    def _zygote_wait(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.zygote_ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.zygote_ready
+
+    @property
+    def zygote_ready(self) -> bool:
+        """Whether runs go through the zygote (it announced itself and no run has found it gone since)."""
+        return self.fork_server and (self._ctl / "zygote.sock.ready").exists()
 
     def __enter__(self) -> "DockerSandbox":
         return self
@@ -153,11 +203,25 @@ class DockerSandbox:
         """Runs ``code`` as ``python script.py`` in the container, cwd = workspace root, as its uid."""
         timeout, uid, script = stage_script(workspace, code, timeout_s, known=self._workspaces,
                                             default_timeout_s=self.limits.wall_time_s)
+        env = sandbox_env(workspace.root, self.python, self.limits, "/tmp")
+        if self.zygote_ready:
+            request = {"isolation": "docker", "script": str(script), "site": None,
+                       "spec": {"workspace": str(workspace.root), "uid": uid, "rlimits": {}, "env": env}}
+            result = self._exec(workspace, uid, timeout, [self.python, "-I", "-S", str(self._ctl / "zygote_client.py"),
+                                                          str(self._ctl / "zygote.sock"), json.dumps(request)], "0:0", {})
+            if not (result.returncode == zygote_client.UNAVAILABLE and "[ace-zygote-unavailable]" in result.stderr):
+                return result
+            # The zygote is gone (a container restart, a crash): this run starts fresh, the zygote again.
+            self._start_zygote()
+        return self._exec(workspace, uid, timeout, [self.python, str(script)], f"{uid}:{uid}", env)
+
+    def _exec(self, workspace: Workspace, uid: int, timeout: float, cmd: list[str], user: str,
+              env: dict[str, str]) -> ExecResult:
+        """One ``docker exec`` of `cmd` as `user`, watched until it ends, times out or hits a limit."""
         api = self.client.api
         start = time.monotonic()
-        exec_id = api.exec_create(self.container.id, [self.python, str(script)], user=f"{uid}:{uid}",
-                                  workdir=str(workspace.root),
-                                  environment=sandbox_env(workspace.root, self.python, self.limits, "/tmp"))["Id"]
+        exec_id = api.exec_create(self.container.id, cmd, user=user, workdir=str(workspace.root),
+                                  environment=env)["Id"]
         sock = api.exec_start(exec_id, socket=True)
         raw = getattr(sock, "_sock", sock)
         outs = {1: BoundedOutput(self.limits.max_output_bytes), 2: BoundedOutput(self.limits.max_output_bytes)}

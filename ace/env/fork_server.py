@@ -99,14 +99,14 @@ class ForkServer:
                 return None
             try:
                 socket.send_fds(self._sock, [json.dumps(request).encode()], list(fds))
-                reply = self._sock.recv(4096)
-                pid = json.loads(reply)["pid"] if reply else None
-            except (OSError, ValueError, KeyError):
-                pid = None
-            if pid is None:
+                reply = json.loads(self._sock.recv(4096) or b"null")
+            except (OSError, ValueError):
+                reply = None
+            if not isinstance(reply, dict):
                 self._stop_locked()
                 self._restart_later()
-            return pid
+                return None
+            return reply.get("pid")  # None: the zygote could not fork this time (a process limit)
 
     def _restart_later(self) -> None:
         """Starts a new zygote in the background (once at a time); runs meanwhile use fresh interpreters."""

@@ -26,13 +26,12 @@ def make_sandbox(kind: Literal["subprocess", "docker"], **kwargs) -> Sandbox:
 
 
 def sandbox_from_config(env: Mapping[str, Any]) -> Sandbox:
-    """The sandbox that the ``env`` config group asks for: ``env.sandbox`` names the backend; for the
-    subprocess backend ``env.fork_server`` (default true) and ``env.preload`` (a list of modules, null
-    for `ace.env.fork_server.DEFAULT_PRELOAD`) set up its fork server. The docker backend starts a
-    fresh interpreter per run and ignores both."""
+    """The sandbox that the ``env`` config group asks for: ``env.sandbox`` names the backend;
+    ``env.fork_server`` (default true) and ``env.preload`` (a list of modules, null for
+    `ace.env.fork_server.DEFAULT_PRELOAD`) set up its fork server (one zygote per sandbox)."""
     kind = env["sandbox"]
     kwargs: dict[str, Any] = {}
-    if kind == "subprocess":
+    if kind in BACKENDS:
         fork_server = env.get("fork_server", True)
         if not isinstance(fork_server, bool):
             raise ValueError(f"env.fork_server={fork_server!r}: expected true or false")

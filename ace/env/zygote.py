@@ -52,11 +52,8 @@ def _load_launcher():
 launcher = _load_launcher()
 
 
-def serve(sock: socket.socket, preload: list) -> int:
-    """Preloads, reports ready, then forks one run per request until the host closes the socket.
-
-    Returns 0 in the zygote when the host is gone, and the program's exit code in a program's process.
-    """
+def preload_modules(preload: list) -> dict:
+    """Imports `preload`; returns the ready message (what loaded, what failed and why)."""
     loaded, failed = [], {}
     for name in preload:
         try:
@@ -66,7 +63,15 @@ def serve(sock: socket.socket, preload: list) -> int:
             failed[name] = f"{type(e).__name__}: {e}"
     # Run leaders are reaped by the kernel: the zygote never waits, and no zombie accumulates.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    sock.send(json.dumps({"ready": True, "loaded": loaded, "failed": failed}).encode())
+    return {"ready": True, "loaded": loaded, "failed": failed}
+
+
+def serve(sock: socket.socket, preload: list) -> int:
+    """Preloads, reports ready, then forks one run per request until the host closes the socket.
+
+    Returns 0 in the zygote when the host is gone, and the program's exit code in a program's process.
+    """
+    sock.send(json.dumps(preload_modules(preload)).encode())
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
@@ -74,22 +79,79 @@ def serve(sock: socket.socket, preload: list) -> int:
             return 0
         if not message:
             return 0
-        request = json.loads(message)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        pid = _fork(sock)
         if pid == 0:
-            os.close(sock.detach())
-            return run_leader(request, fds)
+            return run_leader(json.loads(message), fds)
         for fd in fds:
             os.close(fd)
-        sock.send(json.dumps({"pid": pid}).encode())
+        sock.send(json.dumps({"pid": pid} if pid > 0 else {"error": "fork failed"}).encode())
+
+
+def serve_listening(path: str, preload: list) -> int:
+    """The docker backend's zygote (one per container): requests come from `zygote_client.py`, one
+    connection each, on a socket at `path` that only root may open; ``path + ".ready"`` announces it.
+
+    The client passes its own stdout and stderr (those of its ``docker exec``) and a status pipe.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.path.exists(path):
+        os.unlink(path)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    ready = preload_modules(preload)
+    with open(path + ".ready.tmp", "w") as f:
+        json.dump(ready, f)
+    os.replace(path + ".ready.tmp", path + ".ready")
+    while True:
+        conn, _ = listener.accept()
+        try:
+            message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        except OSError:
+            conn.close()
+            continue
+        if not message or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            continue
+        pid = _fork(listener, conn)
+        if pid == 0:
+            return run_leader(json.loads(message), fds)
+        for fd in fds:
+            os.close(fd)
+        conn.send(json.dumps({"pid": pid} if pid > 0 else {"error": "fork failed"}).encode())
+        conn.close()
+
+
+def _fork(*sockets: socket.socket) -> int:
+    """Forks; the child gives up the zygote's sockets at once (run_leader closes every other fd).
+
+    Returns -1 when the kernel refuses the fork (a process limit reached): the zygote lives on, and
+    the host runs that program as a fresh interpreter.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        return -1
+    if pid == 0:
+        for sock in sockets:
+            os.close(sock.detach())
+    return pid
 
 
 def run_leader(request: dict, fds: list) -> int:
     """P: the run's process group and file descriptors, then the isolation the request names."""
     out_w, err_w, status_w = fds
     os.setsid()
+    try:
+        # Under memory pressure the kernel (or a container's cgroup) kills the run, not the zygote.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDONLY)
     for src, dst in ((null, 0), (out_w, 1), (err_w, 2), (status_w, 3)):
@@ -114,8 +176,9 @@ def run_leader(request: dict, fds: list) -> int:
     if program == 0:
         try:
             os.close(3)
-            os.chdir(spec["workspace"])
             launcher.drop_privileges(libc, spec)
+            # As the workspace's uid: in a container, root holds no capability to enter it.
+            os.chdir(spec["workspace"])
         except BaseException as e:  # noqa: BLE001
             os.write(2, f"[sandbox] could not start the program: {type(e).__name__}: {e}\n".encode())
             os._exit(127)
@@ -145,6 +208,10 @@ def run_program(request: dict) -> int:
         # The sandbox's sitecustomize: seeds the generators the preloads imported, and guards the rest.
         sys.path.insert(1, request["site"])
         importlib.import_module("sitecustomize")
+    elif "numpy.random" in sys.modules:
+        # No seeding asked for: numpy's global generator starts from fresh entropy, as in a fresh
+        # interpreter, not from the state every fork would share. (`random` reseeds itself at fork.)
+        sys.modules["numpy.random"].seed()
     main = types.ModuleType("__main__")
     main.__file__ = script
     main.__builtins__ = builtins
@@ -193,7 +260,10 @@ def exit_as_python_would(code) -> None:
 
 if __name__ == "__main__":
     try:
-        code = serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))
+        if sys.argv[1] == "--listen":
+            code = serve_listening(sys.argv[2], json.loads(sys.argv[3]))
+        else:
+            code = serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))
     except SystemExit as e:
         code = e.code
     exit_as_python_would(code)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -35,13 +36,15 @@ def public(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def sandbox():
+@pytest.fixture(scope="module", params=[True, False], ids=["forked", "fresh"])
+def sandbox(request):
+    """Both ways of starting a program: forks of the container's zygote, and fresh interpreters."""
     try:
-        sb = make_sandbox("docker", limits=LIMITS)
+        sb = make_sandbox("docker", limits=LIMITS, fork_server=request.param)
     except SandboxError as e:
         _unavailable(str(e))
     with sb:
+        assert sb.zygote_ready == request.param
         yield sb
 
 
@@ -147,3 +150,29 @@ def test_timed_out_exec_leaves_no_process_behind(sandbox, public):
     assert res.timed_out and res.returncode == -9 and res.killed_reason == "timeout", res
     assert _leftovers(sandbox, ws) == []
     sandbox.destroy_workspace(ws)
+
+
+FORKED_PROBE = "import sys\nprint('FORKED' if 'sklearn.ensemble' in sys.modules else 'FRESH')\n"
+TAMPER = ("import builtins, numpy\nprint(hasattr(builtins, 'ace_leak'), numpy.mean([1, 2]))\n"
+          "builtins.ace_leak = True\nnumpy.mean = lambda *a, **k: 'patched'\n")
+
+
+@pytest.mark.parametrize("sandbox", [True], indirect=True, ids=["forked"])
+def test_zygote_runs_share_nothing_and_survive_a_container_restart(sandbox, public):
+    ws = sandbox.create_workspace(public)
+    try:
+        assert sandbox.run(ws, FORKED_PROBE).stdout.strip() == "FORKED"
+        first, second = (sandbox.run(ws, TAMPER) for _ in range(2))
+        assert first.ok and first.stdout == second.stdout == "False 1.5\n", (first, second)
+        # The uid of a forked program is the workspace's, and it holds no capability.
+        ident = sandbox.run(ws, "import os\nprint(os.getuid(), open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n")
+        assert ident.stdout.split() == [str(ws.root.stat().st_uid), "0000000000000000"]
+        sandbox.container.restart(timeout=0)  # kills the zygote, as a crash would
+        fallback = sandbox.run(ws, FORKED_PROBE)
+        assert fallback.ok and fallback.stdout.strip() == "FRESH", fallback
+        deadline = time.monotonic() + 120
+        while not sandbox.zygote_ready and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sandbox.run(ws, FORKED_PROBE).stdout.strip() == "FORKED"
+    finally:
+        sandbox.destroy_workspace(ws)
