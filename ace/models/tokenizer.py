@@ -160,21 +160,24 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
     @property
     def bos_id(self) -> int | None:
-        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+        return self._id_of(self.bos_token)
 
     @property
     def eos_id(self) -> int | None:
-        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+        return self._id_of(self.eos_token)
 
     @property
     def pad_id(self) -> int | None:
-        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+        return self._id_of(self.pad_token)
 
     @property
     def unk_id(self) -> int | None:
-        return None if self.unk_token is None else self.backend.token_to_id(self.unk_token)
+        return self._id_of(self.unk_token)
 
     @property
     def special_ids(self) -> frozenset[int]:

@@ -150,11 +150,7 @@ class SGLangEngine:
                     i = min(candidates, key=lambda k: self._in_flight[k])
                     self._in_flight[i] += 1
                     return i
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServerUnavailable(f"no SGLang server healthy for {self.restart_timeout_s} s; "
-                                            f"recovery errors: {self.recovery_errors[-3:]}")
-                self._lock.wait(remaining)
+                self._wait_for_health_locked(deadline)
 
     def _release_server(self, i: int) -> None:
         with self._lock:
@@ -229,11 +225,15 @@ class SGLangEngine:
         deadline = time.monotonic() + self.restart_timeout_s
         with self._lock:
             while len(self._down) == len(self.servers):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServerUnavailable(f"no SGLang server healthy for {self.restart_timeout_s} s; "
-                                            f"recovery errors: {self.recovery_errors[-3:]}")
-                self._lock.wait(remaining)
+                self._wait_for_health_locked(deadline)
+
+    def _wait_for_health_locked(self, deadline: float) -> None:
+        """With the lock held: waits for the monitor to report a change of health, or raises at `deadline`."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerUnavailable(f"no SGLang server healthy for {self.restart_timeout_s} s; "
+                                    f"recovery errors: {self.recovery_errors[-3:]}")
+        self._lock.wait(remaining)
 
     def _watch(self, interval_s: float) -> None:
         """The monitor thread: a server whose process died (or, given by URL, stopped answering)
