@@ -26,12 +26,8 @@ import time
 
 import numpy as np
 
-CONFIGS = {
-    "A": dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-              intermediate_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128),
-    "B": dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-              intermediate_size=128),
-}
+from peer_configs import model_config  # bench/peer_configs.py, beside this script
+
 BATCHES = {"grpo": (16, 64, 32), "long": (8, 256, 256)}  # rows, prompt tokens, completion tokens
 EPS_LOW, EPS_HIGH, BETA, LR = 0.2, 0.28, 0.04, 1e-4
 
@@ -73,8 +69,9 @@ def ace_update(config, params, samples, adv, pad_to: int, micro_batches: int):
 
     cfg = LearnerConfig(lr=LR, schedule="constant", total_steps=10**6, micro_batches=micro_batches,
                         eps_low=EPS_LOW, eps_high=EPS_HIGH, kl_coef=BETA, kl_kind="k3", max_grad_norm=1.0)
+    # Copies: the state is donated to each step, and the caller's params must outlive it.
     ref_params = jax.tree.map(lambda x: x.copy(), params)
-    state = {"s": init_learner(params, cfg, jax.random.key(1))}
+    state = {"s": init_learner(jax.tree.map(lambda x: x.copy(), params), cfg, jax.random.key(1))}
     batch = jax.device_put(make_batch(samples, adv, pad_to=pad_to))
     logprobs = jit_logprobs(cfg, config)
     step = jit_train_step(cfg, config, donate=True)
@@ -159,14 +156,13 @@ def main() -> None:
     import torch
 
     from ace.models import init_params
-    from ace.models.configs import ModelConfig
 
     print(f"jax {jax.__version__} on {jax.default_backend()}; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; float32; median of {args.reps} updates after {args.warmup}")
     print(f"{'config':<7}{'batch':<7}{'tokens':>7}  {'ace s':>8}  {'torch s':>8}  {'ace tok/s':>10}  "
           f"{'torch tok/s':>11}  {'torch/ace time':>14}  first grad norm ace / torch")
     for name in args.configs.split(","):
-        config = ModelConfig(**CONFIGS[name])
+        config = model_config(name)
         for batch_name in args.batches.split(","):
             rows, prompt, new = BATCHES[batch_name]
             samples, adv = make_samples(config, rows, prompt, new)

@@ -5,7 +5,9 @@ batch of prompts and the same lengths, sample at temperature 1 with no top-k / t
 token, so each produces exactly batch * new_tokens tokens. Timings include prefill, exclude the
 first call (compilation / allocation), and are medians over `--reps` calls.
 
-Usage: python bench/sampler.py [--config tiny-dense] [--batch 8] [--prompt-len 32] [--new-tokens 64] [--reps 3]
+Configs A (MoE) and B (dense) are those of bench/peer_configs.py; any named config works too.
+
+Usage: python bench/sampler.py [--configs A,B] [--batch 8] [--prompt-len 64] [--new-tokens 128] [--reps 3]
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import jax
 import numpy as np
 
+from peer_configs import model_config  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
 
 
@@ -65,27 +68,27 @@ def torch_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> fl
 
 
 def main():
-    from ace.models import get_config
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny-dense")
+    parser.add_argument("--configs", default="A,B")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    config = get_config(args.config)
-    prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, args.prompt_len))
-    n_tokens = args.batch * args.new_tokens
-    ace_s = jax_seconds(config, prompts, args.new_tokens, args.reps)
-    sort_s = sort_filter_seconds(config, prompts, args.new_tokens, args.reps)
-    hf_s = torch_seconds(config, prompts, args.new_tokens, args.reps)
-    print(f"config {args.config}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens each")
-    print(f"decode ace JaxSampler:          {n_tokens / ace_s:10.0f} tokens/s ({ace_s * 1e3:.1f} ms per batch)")
-    print(f"decode transformers generate:   {n_tokens / hf_s:10.0f} tokens/s ({hf_s * 1e3:.1f} ms per batch)")
-    print(f"decode ace, sort-based filters: {n_tokens / sort_s:10.0f} tokens/s ({sort_s * 1e3:.1f} ms per batch)")
-    print(f"decode ratio ace/transformers = {hf_s / ace_s:.2f}x")
-    print(f"decode ratio ace/sort-based filters (filters off skipped vs sorted every step) = {sort_s / ace_s:.2f}x")
+    for name in args.configs.split(","):
+        config = model_config(name)
+        prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, args.prompt_len))
+        n_tokens = args.batch * args.new_tokens
+        ace_s = jax_seconds(config, prompts, args.new_tokens, args.reps)
+        sort_s = sort_filter_seconds(config, prompts, args.new_tokens, args.reps)
+        hf_s = torch_seconds(config, prompts, args.new_tokens, args.reps)
+        print(f"config {name}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens each")
+        print(f"decode ace JaxSampler:          {n_tokens / ace_s:10.0f} tokens/s ({ace_s * 1e3:.1f} ms per batch)")
+        print(f"decode transformers generate:   {n_tokens / hf_s:10.0f} tokens/s ({hf_s * 1e3:.1f} ms per batch)")
+        print(f"decode ace, sort-based filters: {n_tokens / sort_s:10.0f} tokens/s ({sort_s * 1e3:.1f} ms per batch)")
+        print(f"decode ratio ace/transformers = {hf_s / ace_s:.2f}x (target >= 2x)")
+        print(f"decode ratio ace/sort-based filters (filters off skipped vs sorted every step) = {sort_s / ace_s:.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

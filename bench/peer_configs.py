@@ -1,0 +1,20 @@
+"""The two model shapes of the side-by-side benchmarks (bench/learner.py, bench/sampler.py), fixed so
+that figures from different scripts and sessions compare: A, a Qwen3-MoE of 2.04M parameters (vocab
+1024, hidden 128, 4 layers, 4 heads / 2 KV heads, head dim 32, 8 experts top-2, expert hidden 128);
+B, the dense Qwen3 of the same shape (0.85M)."""
+from __future__ import annotations
+
+_SHAPE = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+              intermediate_size=128)
+PEER_CONFIGS = {
+    "A": dict(_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128),
+    "B": dict(_SHAPE),
+}
+
+
+def model_config(name: str):
+    """Config A or B, or any config `ace.models.get_config` knows by name."""
+    from ace.models import get_config
+    from ace.models.configs import ModelConfig
+
+    return ModelConfig(**PEER_CONFIGS[name]) if name in PEER_CONFIGS else get_config(name)
