@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--top-k", type=int, default=4)
     m.add_argument("--moe-intermediate", type=int, default=384)
     m.add_argument("--vocab", type=int, default=151936, help="default: the Qwen3 tokenizer's")
-    m.add_argument("--moe-impl", choices=("ragged", "dense"), default="ragged")
+    m.add_argument("--moe-impl", choices=("ragged", "grouped", "dense", "auto"), default="ragged")
     m.add_argument("--attention", choices=("auto", "reference", "blockwise", "cudnn"), default="auto",
                    help="auto: cudnn when a probe forward+backward works on this device, else blockwise")
     t = p.add_argument_group("learner")

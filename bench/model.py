@@ -1,10 +1,17 @@
-"""Throughput of the tiny MoE model on this CPU, each figure a ratio measured in the same run.
+"""Throughput of the model's implementation choices on this machine, each figure a ratio measured in the same run.
 
-1. forward+backward tokens/s: ragged dispatch (sort + `jax.lax.ragged_dot`) vs the dense reference
-   path (every expert on every token).
-2. forward tokens/s: `ace` (jitted JAX) vs the transformers torch `Qwen3MoeForCausalLM` of the same config.
+Two models, batch 8 x 512 tokens, float32 (compile excluded, medians of --reps calls):
+  A: Qwen3-MoE, 2.04M params: vocab 1024, hidden 128, 4 layers, 4 heads / 2 KV heads of 32,
+     8 experts top-2 of hidden 128 (untied lm_head).
+  B: the dense Qwen3 of the same shape, MLP hidden 256 (= top-2 x 128: the same active MLP flops).
 
-Usage: python bench/model.py [--config tiny] [--batch 8] [--length 256] [--reps 5]
+1. forward and forward+backward (next-token loss + aux loss) tokens/s for each `moe_impl` and
+   `attention_impl` choice and for "auto", each against the former default, ragged dispatch +
+   reference attention, as the baseline ("blockwise@128" is blockwise with 128 x 128 tiles, what
+   "auto" uses on CPU at this length; "blockwise" keeps the config's 512 x 512 tiles).
+2. forward tokens/s: `ace` with "auto" (jitted JAX) vs the transformers torch model of the same config.
+
+Usage: python bench/model.py [--batch 8] [--length 512] [--reps 5] [--no-torch]
 """
 from __future__ import annotations
 
@@ -15,6 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from timing import median_seconds  # bench/timing.py, beside this script
+
+# (label, moe_impl, attention_impl, attention block) per row; the first is the baseline.
+BASELINE = ("ragged+reference", "ragged", "reference", 512)
+MOE_ROWS = [BASELINE, ("dense+reference", "dense", "reference", 512),
+            ("grouped+reference", "grouped", "reference", 512), ("ragged+blockwise", "ragged", "blockwise", 512),
+            ("ragged+blockwise@128", "ragged", "blockwise", 128),
+            ("grouped+blockwise@128", "grouped", "blockwise", 128), ("auto+auto", "auto", "auto", 512)]
+DENSE_ROWS = [("reference", "ragged", "reference", 512), ("blockwise", "ragged", "blockwise", 512),
+              ("blockwise@128", "ragged", "blockwise", 128), ("auto", "auto", "auto", 512)]
+
+
+def model_configs():
+    from ace.models import ModelConfig
+
+    shape = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                 rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32")
+    moe = ModelConfig(**shape, intermediate_size=0, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=128, norm_topk_prob=True)
+    dense = ModelConfig(**shape, intermediate_size=256)
+    return {"A (Qwen3-MoE)": (moe, MOE_ROWS), "B (Qwen3 dense)": (dense, DENSE_ROWS)}
 
 
 def bench_train_step(config, params, tokens, positions, reps: int) -> float:
@@ -56,41 +83,51 @@ def bench_forward_torch(config, tokens: np.ndarray, reps: int) -> float:
 
 
 def main() -> None:
-    from ace.models import get_config, init_params
+    from ace.models import abstract_params, init_params
+    from ace.models.autoselect import choose_attention, choose_moe
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args()
 
-    config = get_config(args.config)
-    if not config.is_moe:
-        raise SystemExit(f"--config must name an MoE config for the dispatch comparison, got {args.config!r}")
-    params = init_params(config, jax.random.key(0))
-    tokens_np = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.length))
+    tokens_np = np.random.RandomState(0).randint(0, 1024, (args.batch, args.length))
     tokens = jnp.asarray(tokens_np, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(args.length, dtype=jnp.int32), tokens.shape)
     n_tokens = args.batch * args.length
-    print(f"config={args.config} batch={args.batch} length={args.length} reps={args.reps} "
-          f"backend={jax.default_backend()} device={jax.devices()[0].device_kind}")
-
-    ragged = bench_train_step(config.replace(moe_impl="ragged"), params, tokens, positions, args.reps)
-    dense = bench_train_step(config.replace(moe_impl="dense"), params, tokens, positions, args.reps)
-    print(f"fwd+bwd  ragged dispatch : {n_tokens / ragged:12.0f} tokens/s")
-    print(f"fwd+bwd  dense reference : {n_tokens / dense:12.0f} tokens/s")
-    print(f"fwd+bwd  ratio ragged/dense = {dense / ragged:.2f}x")
-    if jax.default_backend() == "cpu":
-        # jax/_src/lax/lax.py `_ragged_dot_general_impl`: without a native kernel the groups are
-        # expanded to a masked [E, N*k, D] operand, so ragged does k times the dense path's expert flops.
-        print("         (cpu: ragged_dot falls back to a masked dense matmul; the ragged win needs GPU/TPU)")
-
-    ace_fwd = bench_forward_ace(config, params, tokens, positions, args.reps)
-    torch_fwd = bench_forward_torch(config, tokens_np, args.reps)
-    print(f"forward  ace (jax, ragged): {n_tokens / ace_fwd:12.0f} tokens/s")
-    print(f"forward  transformers torch: {n_tokens / torch_fwd:12.0f} tokens/s")
-    print(f"forward  ratio ace/transformers = {torch_fwd / ace_fwd:.2f}x")
+    print(f"batch={args.batch} length={args.length} reps={args.reps} backend={jax.default_backend()} "
+          f"device={jax.devices()[0].device_kind}")
+    for name, (config, rows) in model_configs().items():
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
+        attn = choose_attention("auto", q_len=args.length, kv_len=args.length, dtype=config.param_dtype,
+                                head_dim=config.head_dim, cudnn_mask=True, block_q=config.attention_block_q,
+                                block_kv=config.attention_block_kv)
+        resolved = f"attention {attn[0]} (blocks {attn[1]}x{attn[2]})"
+        if config.is_moe:
+            pairs = n_tokens * config.num_experts_per_tok
+            resolved += f", moe {choose_moe('auto', num_pairs=pairs, num_experts=config.num_experts)}"
+        print(f"\n{name}: {n_params / 1e6:.2f}M params; auto resolves to {resolved}")
+        params = init_params(config, jax.random.key(0))
+        base = None
+        for label, moe_impl, attention_impl, block in rows:
+            c = config.replace(moe_impl=moe_impl, attention_impl=attention_impl, attention_block_q=block,
+                               attention_block_kv=block)
+            fwd = bench_forward_ace(c, params, tokens, positions, args.reps)
+            step = bench_train_step(c, params, tokens, positions, args.reps)
+            base = base or (fwd, step)
+            print(f"  {label:22s} forward {n_tokens / fwd:9.0f} tok/s ({base[0] / fwd:5.2f}x)   "
+                  f"fwd+bwd {n_tokens / step:9.0f} tok/s ({base[1] / step:5.2f}x)", flush=True)
+        if jax.default_backend() == "cpu" and config.is_moe:
+            # jax/_src/lax/lax.py `_ragged_dot_general_impl`: without a native kernel the groups are
+            # expanded to a masked [E, N*k, D] operand, so ragged does k times the dense path's expert flops.
+            print("  (cpu: ragged_dot falls back to a masked dense matmul; its win needs GPU/TPU)")
+        if not args.no_torch:
+            ace_fwd = bench_forward_ace(config, params, tokens, positions, args.reps)
+            torch_fwd = bench_forward_torch(config, tokens_np, args.reps)
+            print(f"  forward ace (auto)     {n_tokens / ace_fwd:9.0f} tok/s   transformers torch "
+                  f"{n_tokens / torch_fwd:9.0f} tok/s   ratio ace/transformers = {torch_fwd / ace_fwd:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("reference", "blockwise", "cudnn")
+from ace.models.autoselect import choose_attention
+
+ATTENTION_IMPLS = ("reference", "blockwise", "cudnn", "auto")
 
 
 def _check_shapes(name, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
@@ -277,16 +279,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, q_position
     "cudnn" calls `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only, fused, GQA
     native) when the mask is exactly the causal triangle over token indices (`index_causal=True`,
     no segment ids, T == S); packed or cache cases fall back to "blockwise", which cuDNN's mask
-    types do not express without materialising a [T, S] mask.
+    types do not express without materialising a [T, S] mask. "auto" picks by backend, length and
+    dtype (`ace.models.autoselect.choose_attention`; on CPU it may also shrink the blocks).
     Args and Returns: as `blockwise_attention`.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention: impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    plain_causal = index_causal and causal and q_segment_ids is None and q.shape[1] == k.shape[1]
+    impl, block_q, block_kv = choose_attention(impl, q_len=q.shape[1], kv_len=k.shape[1], dtype=q.dtype,
+                                               head_dim=q.shape[3], cudnn_mask=plain_causal,
+                                               block_q=block_q, block_kv=block_kv)
     kw = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
               kv_segment_ids=kv_segment_ids, causal=causal)
     if impl == "reference":
         return reference_attention(q, k, v, **kw)
-    if impl == "cudnn" and index_causal and causal and q_segment_ids is None and q.shape[1] == k.shape[1]:
+    if impl == "cudnn" and plain_causal:
         _check_shapes("attention", q, k, v, q_positions, kv_positions, None, None)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(v.dtype)
     return blockwise_attention(q, k, v, **kw, block_q=block_q, block_kv=block_kv)

@@ -7,8 +7,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from ace.models.attention import ATTENTION_IMPLS
+from ace.models.moe import MOE_IMPLS
 
-MOE_IMPLS = ("ragged", "dense")
 # Key under which `to_hf_config` records the attention choice; HF loaders ignore unknown keys.
 HF_ATTENTION_KEY = "ace_attention"
 
@@ -21,7 +21,12 @@ class ModelConfig:
     `dtype` is the parameter (and compute) dtype name; logits and router math are float32 regardless.
     `attention_impl` picks `ace.models.attention`'s path: "reference" materialises [B, H, T, T] scores
     (fine for tiny models), "blockwise" tiles them by `attention_block_q` x `attention_block_kv`
-    (O(T) memory, needed for long contexts), "cudnn" uses the fused GPU kernel where it applies.
+    (O(T) memory, needed for long contexts), "cudnn" uses the fused GPU kernel where it applies,
+    "auto" picks per backend and length at trace time (`ace.models.autoselect`).
+    `moe_impl` picks the expert dispatch of `ace.models.moe.moe_mlp`: "ragged" (`jax.lax.ragged_dot`,
+    native on GPU/TPU), "grouped" (routed tokens in tiles of at most `moe_tile` rows, batched
+    matmuls: the fast path where ragged_dot has no kernel, e.g. CPU), "dense" (reference, every
+    expert on every token) or "auto" (by backend and token count). All paths are exact.
     """
 
     vocab_size: int
@@ -40,15 +45,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 40960
     router_aux_loss_coef: float = 0.001
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
+    moe_tile: int = 256
     dtype: str = "float32"
-    attention_impl: str = "reference"
+    attention_impl: str = "auto"
     attention_block_q: int = 512
     attention_block_kv: int = 512
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "max_position_embeddings", "attention_block_q", "attention_block_kv")
+                    "max_position_embeddings", "attention_block_q", "attention_block_kv", "moe_tile")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -100,7 +106,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], *, dtype: str = "float32", moe_impl: str = "ragged",
+    def from_hf_config(cls, hf: dict[str, Any], *, dtype: str = "float32", moe_impl: str = "auto",
                        attention_impl: str | None = None) -> ModelConfig:
         """Builds a config from an HF `config.json` dict (model_type "qwen3" or "qwen3_moe").
 

@@ -213,8 +213,8 @@ def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask
     if c.is_moe:
         flat_routing = None if routing is None else routing.reshape(b * t, -1)
         y, aux, ids, own_ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
-                                  norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, routing=flat_routing,
-                                  mask=token_mask.reshape(-1))
+                                  norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, tile=c.moe_tile,
+                                  routing=flat_routing, mask=token_mask.reshape(-1))
         y = y.reshape(b, t, d)
         ids = jnp.stack([ids.reshape(b, t, -1), own_ids.reshape(b, t, -1)])
     else:

@@ -207,3 +207,45 @@ def test_qwen3_blockwise_config_matches_reference_config_packed_and_decoding():
     want, want_aux = run(params, reference, tokens, positions, cache=init_cache(reference, b, 12))
     np.testing.assert_allclose(got, want, atol=1e-4)
     np.testing.assert_allclose(got_aux.cache.k, want_aux.cache.k, atol=1e-5)
+
+
+def test_auto_attention_resolves_as_documented():
+    from ace.models.autoselect import choose_attention
+
+    def pick(backend, t, s, dtype=jnp.float32, cudnn_mask=True, dh=64):
+        return choose_attention("auto", q_len=t, kv_len=s, dtype=dtype, head_dim=dh, cudnn_mask=cudnn_mask,
+                                block_q=512, block_kv=512, backend=backend)
+
+    assert pick("cpu", 256, 256) == ("reference", 512, 512)
+    assert pick("cpu", 1, 8192) == ("reference", 512, 512)  # decoding: one query row
+    assert pick("cpu", 512, 512) == ("blockwise", 128, 128)  # CPU tiles: 128 beats 512
+    assert pick("tpu", 512, 512) == ("blockwise", 512, 512)
+    assert pick("gpu", 4096, 4096, jnp.bfloat16) == ("cudnn", 512, 512)
+    assert pick("gpu", 4096, 4096, jnp.float32) == ("blockwise", 512, 512)  # cuDNN wants 16-bit
+    assert pick("gpu", 4096, 4096, jnp.bfloat16, cudnn_mask=False) == ("blockwise", 512, 512)
+    assert pick("gpu", 4096, 4096, jnp.bfloat16, dh=256) == ("blockwise", 512, 512)
+    explicit = choose_attention("reference", q_len=4096, kv_len=4096, dtype=jnp.float32, head_dim=64,
+                                cudnn_mask=True, block_q=512, block_kv=512, backend="cpu")
+    assert explicit == ("reference", 512, 512)
+
+
+@pytest.mark.parametrize("t", [24, 300], ids=["short-reference", "long-blockwise"])
+def test_auto_attention_equals_reference_in_value_and_gradient(t):
+    from ace.models.attention import attention
+
+    b, h, kh = 1, 2, 1
+    q, k, v, ct = _qkv(jax.random.key(9), b, t, t, h, kh, 8)
+    seg = jnp.concatenate([jnp.ones((b, t - t // 3), jnp.int32), 2 * jnp.ones((b, t // 3), jnp.int32)], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+
+    def run(impl):
+        fn = lambda q, k, v: attention(q, k, v, impl=impl, **kw)
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct)
+
+    out, grads = jax.jit(run, static_argnums=0)("auto")
+    ref_out, ref_grads = jax.jit(run, static_argnums=0)("reference")
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)

@@ -20,7 +20,7 @@ def test_get_config_accepts_the_named_configs_and_lists_them_on_error():
 
 @pytest.mark.parametrize("field,value", [("num_heads", 5), ("num_experts_per_tok", 9), ("moe_impl", "sparse"),
                                          ("dtype", "int8"), ("head_dim", 15), ("hidden_size", 0),
-                                         ("moe_intermediate_size", 0)])
+                                         ("moe_intermediate_size", 0), ("moe_tile", 0), ("attention_impl", "flash")])
 def test_bad_values_fail_at_construction_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **{field: value})

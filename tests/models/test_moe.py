@@ -1,4 +1,6 @@
-"""MoE block: router, ragged dispatch vs dense reference (forward and gradient), aux loss."""
+"""MoE block: router, ragged and grouped dispatch vs dense reference (forward and gradient), aux loss."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from ace.models import moe
 
 # One compiled function per static configuration instead of op-by-op eager dispatch.
-moe_mlp = jax.jit(moe.moe_mlp, static_argnames=("top_k", "norm_topk_prob", "impl"))
+moe_mlp = jax.jit(moe.moe_mlp, static_argnames=("top_k", "norm_topk_prob", "impl", "tile"))
 
 
 def _moe_params(key, d, e, f, scale=0.3):
@@ -39,13 +41,13 @@ def _numpy_moe(p, x, k, norm):
     return out
 
 
-def test_moe_ragged_and_dense_match_bruteforce_loop():
+def test_moe_dispatches_match_bruteforce_loop():
     n, e, k, norm, d, f = 12, 8, 3, False, 16, 8
     p = _moe_params(jax.random.key(n), d, e, f)
     x = jax.random.normal(jax.random.key(1), (n, d))
     want = _numpy_moe(p, x, k, norm)
-    for impl in ("ragged", "dense"):
-        y, _, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=norm, impl=impl)
+    for impl in ("ragged", "grouped", "dense", "auto"):
+        y, _, _, _ = moe_mlp(p, x, top_k=k, norm_topk_prob=norm, impl=impl, tile=2)
         np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=2e-5, err_msg=impl)
 
 
@@ -129,3 +131,142 @@ def test_moe_mlp_rejects_unknown_impl():
     p = _moe_params(jax.random.key(0), 4, 2, 2)
     with pytest.raises(ValueError, match="'sparse'"):
         moe.moe_mlp(p, jnp.ones((3, 4)), top_k=1, norm_topk_prob=False, impl="sparse")
+
+
+def _experts_value_and_grads(fn, p, x, ids, weights, cot):
+    """jit(value_and_grad) of sum(fn(...) * cot) w.r.t. x, the expert weights and the gate weights."""
+    def loss(x, weights, gate, up, down):
+        return jnp.sum(fn(x, ids, weights, gate, up, down) * cot)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(
+        x, weights, p["gate_proj"], p["up_proj"], p["down_proj"])
+
+
+# (tokens, experts, top-k, tile): groups of many tiles, tile 1, one tile larger than every group,
+# more experts than pairs (most groups empty), k = E.
+GROUPED_CASES = [(40, 4, 2, 4), (33, 8, 3, 5), (12, 8, 2, 1), (12, 8, 2, 64), (5, 16, 2, 2), (9, 3, 3, 2)]
+
+
+@pytest.mark.parametrize("n,e,k,tile", GROUPED_CASES)
+def test_grouped_dispatch_equals_dense_reference_in_value_and_gradient(n, e, k, tile):
+    d, f = 16, 8
+    p = _moe_params(jax.random.key(n + e), d, e, f)
+    x = jax.random.normal(jax.random.key(1), (n, d))
+    cot = jax.random.normal(jax.random.key(2), (n, d))
+    r = moe.route(x, p["router"], top_k=k, norm_topk_prob=False)
+    grouped = functools.partial(moe.grouped_experts, tile=tile)
+    (v_g, g_g), (v_d, g_d) = (_experts_value_and_grads(fn, p, x, r.ids, r.weights, cot)
+                              for fn in (grouped, moe.dense_experts))
+    np.testing.assert_allclose(v_g, v_d, rtol=1e-5)
+    for a, b, name in zip(g_g, g_d, ("x", "weights", "gate", "up", "down")):
+        assert float(jnp.abs(b).max()) > 0, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def test_grouped_dispatch_with_skewed_routing_and_foreign_ids():
+    # Replayed routing sends 30 of 32 pairs to expert 2: one group of 8 tiles, 5 experts empty.
+    # Ids >= E (another expert shard's pairs in the expert-parallel kernel) must contribute nothing.
+    n, e, k, d, f = 16, 7, 2, 8, 4
+    p = _moe_params(jax.random.key(11), d, e, f)
+    x = jax.random.normal(jax.random.key(12), (n, d))
+    cot = jax.random.normal(jax.random.key(13), (n, d))
+    ids = np.full((n, k), 2, np.int32)
+    ids[:, 1] = np.where(np.arange(n) % 2, e, 2)  # every odd token's second pair is foreign
+    ids[0] = [5, 2]
+    ids[1, 0] = 0
+    weights = jax.random.uniform(jax.random.key(14), (n, k))
+    ids = jnp.asarray(ids)
+    # Dense reference of the same pairs: drop the foreign ones (gate 0, any valid expert id).
+    foreign = ids >= e
+    def ref(x, ids_, w, g, u, dn):
+        return moe.dense_experts(x, jnp.where(foreign, 0, ids_), jnp.where(foreign, 0.0, w), g, u, dn)
+
+    (v_g, g_g), (v_d, g_d) = (_experts_value_and_grads(fn, p, x, ids, weights, cot)
+                              for fn in (functools.partial(moe.grouped_experts, tile=4), ref))
+    np.testing.assert_allclose(v_g, v_d, rtol=1e-5)
+    for a, b in zip(g_g, g_d):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    assert float(jnp.abs(g_g[1][foreign]).max()) == 0.0  # foreign gates get no gradient
+
+
+def test_grouped_tile_shrinks_for_few_pairs_and_caps_at_max():
+    assert moe.grouped_tile(16, 8, 256) == 2  # decode-sized: at most the mean group
+    assert moe.grouped_tile(256, 8, 256) == 32
+    assert moe.grouped_tile(8192, 8, 256) == 256
+    assert moe.grouped_tile(8192, 8, 64) == 64
+    assert moe.grouped_tile(3, 8, 256) == 1
+    with pytest.raises(ValueError, match="tile"):
+        moe.grouped_experts(jnp.ones((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)),
+                            jnp.ones((2, 4, 3)), jnp.ones((2, 4, 3)), jnp.ones((2, 3, 4)), tile=0)
+
+
+def test_moe_mlp_grouped_and_auto_equal_dense_through_the_router():
+    n, e, k, d, f = 64, 8, 2, 16, 8
+    p = _moe_params(jax.random.key(21), d, e, f)
+    x = jax.random.normal(jax.random.key(22), (n, d))
+    cot = jax.random.normal(jax.random.key(23), (n, d))
+
+    def grads(impl, tile=256):
+        def fn(p, x):
+            y, aux, _, _ = moe.moe_mlp(p, x, top_k=k, norm_topk_prob=True, impl=impl, tile=tile)
+            return jnp.sum(y * cot) + 0.1 * aux
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(p, x)
+
+    v_d, g_d = grads("dense")
+    for impl, tile in (("grouped", 4), ("grouped", 256), ("auto", 256)):
+        v, g = grads(impl, tile)
+        np.testing.assert_allclose(v, v_d, rtol=1e-5, err_msg=impl)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_d)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=impl)
+
+
+def test_auto_resolves_as_documented():
+    from ace.models.autoselect import choose_moe
+
+    assert choose_moe("auto", num_pairs=8192, num_experts=8, backend="cpu") == "grouped"
+    assert choose_moe("auto", num_pairs=16, num_experts=8, backend="cpu") == "dense"  # decode-sized
+    assert choose_moe("auto", num_pairs=8192, num_experts=8, backend="gpu") == "ragged"
+    assert choose_moe("auto", num_pairs=16, num_experts=8, backend="tpu") == "ragged"
+    assert choose_moe("ragged", num_pairs=8192, num_experts=8, backend="cpu") == "ragged"
+    # On this (CPU) backend "auto" traces to the grouped kernel: no ragged_dot, no [E, N, F] einsum.
+    p = _moe_params(jax.random.key(0), 16, 8, 8)
+
+    def traced(n):
+        return str(jax.make_jaxpr(lambda x: moe.moe_mlp(p, x, top_k=2, norm_topk_prob=True, impl="auto"))(
+            jnp.ones((n, 16))))
+
+    if jax.default_backend() == "cpu":
+        many, few = traced(64), traced(4)  # 16 and 1 pairs per expert
+        assert "ragged_dot" not in many and "sort" in many  # grouped: sorted, no ragged_dot
+        assert "ragged_dot" not in few and "sort" not in few  # dense: no dispatch at all
+
+
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 8}, {"fsdp": 2, "expert": 4}], ids=["fsdp8", "fsdp2xexpert4"])
+def test_grouped_model_sharded_equals_unsharded_dense_in_value_and_gradient(mesh_shape):
+    from ace.models import TINY, init_params
+    from ace.models.logprobs import model_token_logprobs
+    from ace.models.qwen3 import shard_params
+    from ace.models.sharding import logical_to_sharding, make_mesh, use_mesh
+
+    config = TINY.replace(num_layers=1, moe_tile=8)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+    targets = jnp.roll(tokens, -1, axis=1)
+
+    def loss(p, tokens, positions, config):
+        logp, aux = model_token_logprobs(p, config, tokens, positions, targets, chunk_size=6)
+        return -jnp.mean(logp) + config.router_aux_loss_coef * aux.aux_loss
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=3)
+    want_v, want_g = grad(params, tokens, positions, config.replace(moe_impl="dense"))
+    mesh = make_mesh(mesh_shape)
+    batch = logical_to_sharding(("batch", "length"), mesh)
+    grouped = config.replace(moe_impl="grouped")
+    with use_mesh(mesh):
+        got_v, got_g = grad(shard_params(params, grouped, mesh), jax.device_put(tokens, batch),
+                            jax.device_put(positions, batch), grouped)
+        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, tokens, positions, grouped))(params))
+    assert ("shard_map" in jaxpr) == ("expert" in mesh_shape)  # expert-parallel kernel runs grouped
+    np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-4)
