@@ -95,6 +95,8 @@ class ForkServer:
         """
         with self._lock:
             if not self.alive:
+                if self._sock is not None:
+                    self._stop_locked()  # a zygote that died between runs
                 self._restart_later()
                 return None
             try:
