@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peer_configs import model_config  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
 
 # (label, moe_impl, attention_impl, attention block) per row; the first is the baseline.
@@ -34,14 +35,7 @@ DENSE_ROWS = [("reference", "ragged", "reference", 512), ("blockwise", "ragged",
 
 
 def model_configs():
-    from ace.models import ModelConfig
-
-    shape = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-                 rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32")
-    moe = ModelConfig(**shape, intermediate_size=0, num_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=128, norm_topk_prob=True)
-    dense = ModelConfig(**shape, intermediate_size=256)
-    return {"A (Qwen3-MoE)": (moe, MOE_ROWS), "B (Qwen3 dense)": (dense, DENSE_ROWS)}
+    return {"A (Qwen3-MoE)": (model_config("A"), MOE_ROWS), "B (Qwen3 dense)": (model_config("B"), DENSE_ROWS)}
 
 
 def bench_train_step(config, params, tokens, positions, reps: int) -> float:

@@ -1,12 +1,14 @@
-"""The two model shapes of the side-by-side benchmarks (bench/learner.py, bench/sampler.py), fixed so
-that figures from different scripts and sessions compare: A, a Qwen3-MoE of 2.04M parameters (vocab
-1024, hidden 128, 4 layers, 4 heads / 2 KV heads, head dim 32, 8 experts top-2, expert hidden 128);
-B, the dense Qwen3 of the same shape with MLP width 256 (0.85M)."""
+"""The two model shapes of the side-by-side benchmarks (bench/model.py, bench/learner.py and
+bench/sampler.py), fixed so that figures from different scripts and sessions compare: A, a Qwen3-MoE
+of 2.04M parameters (vocab 1024, hidden 128, 4 layers, 4 heads / 2 KV heads, head dim 32, 8 experts
+top-2, expert hidden 128); B, the dense Qwen3 of the same shape with MLP width 256 (0.85M)."""
 from __future__ import annotations
 
-_SHAPE = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32)
+_SHAPE = dict(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+              rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=2048, dtype="float32")
 PEER_CONFIGS = {
-    "A": dict(_SHAPE, intermediate_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128),
+    "A": dict(_SHAPE, intermediate_size=0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+              norm_topk_prob=True),
     # MLP width 256 = top-2 x 128: the same MLP work per token as A, and 0.85M parameters.
     "B": dict(_SHAPE, intermediate_size=256),
 }
