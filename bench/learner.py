@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import numpy as np
 
 from peer_configs import model_config  # bench/peer_configs.py, beside this script
+from timing import median_seconds  # bench/timing.py, beside this script
 
 BATCHES = {"grpo": (16, 64, 32), "long": (8, 256, 256)}  # rows, prompt tokens, completion tokens
 EPS_LOW, EPS_HIGH, BETA, LR = 0.2, 0.28, 0.04, 1e-4
@@ -49,14 +49,9 @@ def make_samples(config, rows: int, prompt: int, new: int, seed: int = 0):
 def median_update_seconds(update, reps: int, warmup: int) -> tuple[float, float]:
     """(median seconds of an update after `warmup` updates, what the first update returned)."""
     first = update()
-    for _ in range(warmup - 1):
+    for _ in range(warmup - 2):
         update()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        update()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), first
+    return median_seconds(update, reps), first  # median_seconds makes the last warm-up call
 
 
 def ace_update(config, params, samples, adv, pad_to: int, micro_batches: int):

@@ -12,7 +12,6 @@ dead zygote is restarted in the background.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
