@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ace.env import zygote_client
 from ace.env.fork_server import DEFAULT_PRELOAD
+from ace.env.supervision import OUTPUT_KILL_FACTOR
 
 from ace.env.sandbox import (
     ExecResult, SandboxError, SandboxLimits, Workspace, interpreter_roots, sandbox_env, stage_script,
@@ -47,7 +48,6 @@ from ace.env.sandbox_guards import (
 DEFAULT_IMAGE = "ace-sandbox:test"
 # Room above the program's own process budget for the exec that cleans up after it.
 _PIDS_HEADROOM = 8
-_OUTPUT_KILL_FACTOR = 1000
 
 
 def docker_client(base_url: str | None = None):
@@ -251,7 +251,7 @@ class DockerSandbox:
     def _pump(self, raw, outs: dict[int, BoundedOutput], deadline: float, ws: Workspace):
         """Reads the multiplexed exec stream (8-byte frame headers) until EOF, deadline or a limit."""
         buf = bytearray()
-        kill_at = _OUTPUT_KILL_FACTOR * self.limits.max_output_bytes
+        kill_at = OUTPUT_KILL_FACTOR * self.limits.max_output_bytes
         quota = self.limits.max_workspace_mb * 2**20
         next_quota_check = time.monotonic() + 0.5
         while True:
