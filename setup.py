@@ -10,6 +10,8 @@ an extra, named by the part of ace that needs it:
   run     env + train: the main job (`make run`)
   test    run + the test tools (`make test`, `make bench`)
   sglang  run + SGLang and its router: the scale path on GPU hosts (see README)
+  bench   test + Tunix, the JAX peer that bench/model.py and bench/sampler.py compare with when
+          it is installed (pip resolves transformers to an older 5.x beside it; nothing else changes)
 """
 from pathlib import Path
 
@@ -58,6 +60,9 @@ TEST = [
     "ipykernel>=6.29",
 ]
 
+# The JAX peer of the benchmarks (bench/tunix_peer.py); optional, never needed by the tests.
+BENCH = ["google-tunix==0.1.7"]
+
 # The scale path needs a GPU host; see README.
 SGLANG = ["sglang==0.5.23", "sglang-router==0.3.2"]
 
@@ -82,5 +87,6 @@ setup(
         "run": RUN,
         "test": _union(RUN, TEST),
         "sglang": _union(RUN, SGLANG),
+        "bench": _union(RUN, TEST, BENCH),
     },
 )

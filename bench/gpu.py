@@ -478,8 +478,8 @@ def main(argv=None) -> None:
           f" Dh={config.head_dim} E={config.num_experts} top-{config.num_experts_per_tok} "
           f"I_moe={config.moe_intermediate_size} V={config.vocab_size}; params {si(counts['total'])} total, "
           f"{si(counts['active'])} active matmul ({counts['active']:,}); moe_impl={config.moe_impl}", flush=True)
-    print(f"attention: {attention} ({why}); cached decode uses blockwise when the impl is cudnn "
-          "(ace.models.attention.attention falls back)", flush=True)
+    print(f"attention: {attention} ({why}) for prefill and training; decode steps use "
+          "ace.models.decode.cached_attention (one query over the cache, read in place)", flush=True)
     if abs(counts["other"]) > 0.01 * counts["total"]:
         print(f"WARNING: {counts['other']:,} params are neither matmul weights nor the embedding: "
               "the active-parameter formula may be stale", flush=True)

@@ -9,7 +9,9 @@ Two models, batch 8 x 512 tokens, float32 (compile excluded, medians of --reps c
    `attention_impl` choice and for "auto", each against the former default, ragged dispatch +
    reference attention, as the baseline ("blockwise@128" is blockwise with 128 x 128 tiles, what
    "auto" uses on CPU at this length; "blockwise" keeps the config's 512 x 512 tiles).
-2. forward tokens/s: `ace` with "auto" (jitted JAX) vs the transformers torch model of the same config.
+2. forward and fwd+bwd tokens/s: `ace` with "auto" (jitted JAX) vs the transformers torch model of
+   the same config and, when installed (`pip install -e ".[bench]"`), Tunix's Qwen3 model
+   (bench/tunix_peer.py); ratios > 1 mean ace is faster.
 
 Usage: python bench/model.py [--batch 8] [--length 512] [--reps 5] [--no-torch]
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 from peer_configs import model_config  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
+import tunix_peer  # bench/tunix_peer.py, beside this script: optional, `pip install -e ".[bench]"`
 
 # (label, moe_impl, attention_impl, attention block) per row; the first is the baseline.
 BASELINE = ("ragged+reference", "ragged", "reference", 512)
@@ -76,6 +79,25 @@ def bench_forward_torch(config, tokens: np.ndarray, reps: int) -> float:
     return median_seconds(run, reps)
 
 
+def bench_train_step_torch(config, tokens: np.ndarray, reps: int) -> float:
+    """Median seconds of one forward+backward (next-token cross-entropy + the MoE aux loss, as the
+    model computes it with labels) of the transformers torch model."""
+    import torch
+    from transformers import Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Config, Qwen3MoeForCausalLM
+
+    hf = config.to_hf_config()
+    model_cls, config_cls = ((Qwen3MoeForCausalLM, Qwen3MoeConfig) if config.is_moe
+                             else (Qwen3ForCausalLM, Qwen3Config))
+    model = model_cls(config_cls(**hf, output_router_logits=config.is_moe)).train()
+    ids = torch.tensor(tokens)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+
+    return median_seconds(run, reps)
+
+
 def main() -> None:
     from ace.models import abstract_params, init_params
     from ace.models.autoselect import choose_attention, choose_moe
@@ -85,6 +107,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--no-tunix", action="store_true", help="skip the Tunix comparison (when installed)")
     args = parser.parse_args()
 
     tokens_np = np.random.RandomState(0).randint(0, 1024, (args.batch, args.length))
@@ -117,12 +140,22 @@ def main() -> None:
             # jax/_src/lax/lax.py `_ragged_dot_general_impl`: without a native kernel the groups are
             # expanded to a masked [E, N*k, D] operand, so ragged does k times the dense path's expert flops.
             print("  (cpu: ragged_dot falls back to a masked dense matmul; its win needs GPU/TPU)")
+        peers = {}
         if not args.no_torch:
-            ace_fwd = bench_forward_ace(config, params, tokens, positions, args.reps)
-            torch_fwd = bench_forward_torch(config, tokens_np, args.reps)
-            print(f"  forward ace (auto)     {n_tokens / ace_fwd:9.0f} tok/s   transformers torch "
-                  f"{n_tokens / torch_fwd:9.0f} tok/s   ratio ace/transformers = {torch_fwd / ace_fwd:.2f}x")
-
+            peers["transformers torch"] = (bench_forward_torch(config, tokens_np, args.reps),
+                                           bench_train_step_torch(config, tokens_np, args.reps))
+        if tunix_peer.available() and not args.no_tunix:
+            peers["Tunix 0.1.7"] = (tunix_peer.forward_seconds(config, tokens_np, args.reps),
+                                    tunix_peer.fwd_bwd_seconds(config, tokens_np, args.reps))
+        elif not args.no_tunix:
+            print("  Tunix: not installed (pip install -e \".[bench]\"); skipped")
+        if peers:
+            ace = (bench_forward_ace(config, params, tokens, positions, args.reps),
+                   bench_train_step(config, params, tokens, positions, args.reps))
+            print(f"  {'ace (auto)':22s} forward {n_tokens / ace[0]:9.0f} tok/s   fwd+bwd {n_tokens / ace[1]:9.0f} tok/s")
+            for peer, (fwd, step) in peers.items():
+                print(f"  {peer:22s} forward {n_tokens / fwd:9.0f} tok/s   fwd+bwd {n_tokens / step:9.0f} tok/s   "
+                      f"ratio ace/{peer.split()[0]} = {fwd / ace[0]:.2f}x forward, {step / ace[1]:.2f}x fwd+bwd", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Decode throughput of the embedded JAX sampler vs transformers `generate`, measured in one run.
+"""Decode throughput of the embedded JAX sampler vs transformers `generate` and, when installed
+(`pip install -e ".[bench]"`), Tunix's `Sampler` (bench/tunix_peer.py), measured in one run.
 
 Both sides get the same random model config (`config.to_hf_config()` for transformers), the same
 batch of prompts and the same lengths, sample at temperature 1 with no top-k / top-p and no stop
@@ -18,6 +19,7 @@ import numpy as np
 
 from peer_configs import model_config  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
+import tunix_peer  # bench/tunix_peer.py, beside this script: optional, `pip install -e ".[bench]"`
 
 
 def jax_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
@@ -74,7 +76,11 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-tunix", action="store_true", help="skip the Tunix comparison (when installed)")
     args = parser.parse_args()
+    use_tunix = tunix_peer.available() and not args.no_tunix
+    if not use_tunix and not args.no_tunix:
+        print('Tunix: not installed (pip install -e ".[bench]"); skipped')
     for name in args.configs.split(","):
         config = model_config(name)
         prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, args.prompt_len))
@@ -87,6 +93,10 @@ def main():
         print(f"decode transformers generate:   {n_tokens / hf_s:10.0f} tokens/s ({hf_s * 1e3:.1f} ms per batch)")
         print(f"decode ace, sort-based filters: {n_tokens / sort_s:10.0f} tokens/s ({sort_s * 1e3:.1f} ms per batch)")
         print(f"decode ratio ace/transformers = {hf_s / ace_s:.2f}x (target >= 2x)")
+        if use_tunix:
+            tunix_s = tunix_peer.decode_seconds(config, prompts, args.new_tokens, args.reps)
+            print(f"decode Tunix Sampler:           {n_tokens / tunix_s:10.0f} tokens/s ({tunix_s * 1e3:.1f} ms per batch)")
+            print(f"decode ratio ace/Tunix = {tunix_s / ace_s:.2f}x (target >= 1x)")
         print(f"decode ratio ace/sort-based filters (filters off skipped vs sorted every step) = {sort_s / ace_s:.2f}x",
               flush=True)
 

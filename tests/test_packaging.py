@@ -63,8 +63,11 @@ def test_run_extra_installs_what_the_main_job_imports():
     run = {requirement_name(r) for r in extras["run"]}
     assert {"flax", "optax", "orbax-checkpoint", "hydra-core", "pandas", "scikit-learn", "tokenizers",
             "docker", "safetensors", "matplotlib"} <= run
-    for extra in ("test", "sglang"):  # both run the main job's code too
+    for extra in ("test", "sglang", "bench"):  # all run the main job's code too
         assert run <= {requirement_name(r) for r in extras[extra]}, extra
+    # `make bench` with the peers: the test tools (transformers, torch) and Tunix, pinned.
+    assert {requirement_name(r) for r in extras["test"]} <= {requirement_name(r) for r in extras["bench"]}
+    assert "google-tunix==0.1.7" in extras["bench"]
 
 
 def test_requirements_txt_is_base_plus_run():

@@ -25,7 +25,10 @@ INIT_STD = 0.02  # HF `initializer_range` default for Qwen3
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values by slot; slot index == token position. k, v: [L, B, S, K, Dh]."""
+    """Per-layer keys and values by slot; slot index == token position. k, v: [L, B, K, S, Dh].
+
+    Heads before slots so that a decode step's score and value products (`ace.models.decode`) read
+    each layer's cache in place, as batched [S, Dh] matrices, with no per-step transpose."""
 
     k: jax.Array
     v: jax.Array
@@ -152,10 +155,10 @@ def shard_params(params: dict, config: ModelConfig, mesh: jax.sharding.Mesh,
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty KV cache with `max_len` slots per row: k, v [L, B, S, K, Dh] zeros."""
+    """An empty KV cache with `max_len` slots per row: k, v [L, B, K, S, Dh] zeros."""
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache: batch and max_len must be positive, got batch={batch} max_len={max_len}")
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -178,15 +181,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask, routing, cache_kv):
-    """One pre-norm block: h + attn(norm(h)), then + mlp(norm(.)). h [B, T, D].
-
-    masking: the `ace.models.attention.attention` mask inputs (positions, segment ids, index_causal).
-    """
+def project_qkv(config: ModelConfig, attn: dict, x: jax.Array, positions: jax.Array):
+    """One layer's queries, keys and values of the normed input x [B, T, D] at positions [B, T]:
+    q [B, T, H, Dh], k and v [B, T, K, Dh], with QK-norm and RoPE applied to q and k."""
     c = config
-    b, t, d = h.shape
-    attn = layer["attn"]
-    x = rms_norm(h, layer["input_norm"]["scale"], c.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", x, attn["q_proj"])
     k = jnp.einsum("btd,dhk->bthk", x, attn["k_proj"])
     v = jnp.einsum("btd,dhk->bthk", x, attn["v_proj"])
@@ -194,34 +192,55 @@ def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask
     k = constrain(k, ("batch", "length", "act_kv_heads", None))
     q = apply_rope(rms_norm(q, attn["q_norm"], c.rms_norm_eps), positions, c.rope_theta)
     k = apply_rope(rms_norm(k, attn["k_norm"], c.rms_norm_eps), positions, c.rope_theta)
+    return q, k, v
+
+
+def mlp_block(config: ModelConfig, mlp: dict, x: jax.Array, routing: jax.Array | None, token_mask: jax.Array):
+    """One layer's MLP (dense or MoE) of the normed input x [B, T, D].
+
+    routing: optional [B, T, k] expert ids to replay (MoE). token_mask: [B, T] bool, real tokens (aux loss).
+    Returns (y [B, T, D], unscaled aux loss scalar float32 (0 when dense), ids [2, B, T, k] int32 the
+    experts used and the router's own choice, or None when dense).
+    """
+    c = config
+    b, t, d = x.shape
+    if not c.is_moe:
+        gate = jnp.einsum("btd,df->btf", x, mlp["gate_proj"])
+        up = jnp.einsum("btd,df->btf", x, mlp["up_proj"])
+        y = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp["down_proj"])
+        return y, jnp.zeros((), jnp.float32), None
+    flat_routing = None if routing is None else routing.reshape(b * t, -1)
+    y, aux, ids, own_ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
+                                       norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, tile=c.moe_tile,
+                                       routing=flat_routing, mask=token_mask.reshape(-1))
+    return y.reshape(b, t, d), aux, jnp.stack([ids.reshape(b, t, -1), own_ids.reshape(b, t, -1)])
+
+
+def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask, routing, cache_kv):
+    """One pre-norm block: h + attn(norm(h)), then + mlp(norm(.)). h [B, T, D].
+
+    masking: the `ace.models.attention.attention` mask inputs (positions, segment ids, index_causal).
+    """
+    c = config
+    b = h.shape[0]
+    attn = layer["attn"]
+    q, k, v = project_qkv(c, attn, rms_norm(h, layer["input_norm"]["scale"], c.rms_norm_eps), positions)
     new_kv = None
     if cache_kv is not None:
-        ck, cv = cache_kv
+        ck, cv = cache_kv  # [B, K, S, Dh]
         rows = jnp.arange(b)[:, None]
         # Slot == position, per row; out-of-range positions are dropped rather than clamped.
-        ck = ck.at[rows, positions].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[rows, positions].set(v.astype(cv.dtype), mode="drop")
+        ck = ck.at[rows, :, positions].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[rows, :, positions].set(v.astype(cv.dtype), mode="drop")
         new_kv = (ck, cv)
-        k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        k, v = jnp.swapaxes(ck, 1, 2).astype(q.dtype), jnp.swapaxes(cv, 1, 2).astype(q.dtype)
     o = attention(q, k, v, impl=c.attention_impl, causal=True, block_q=c.attention_block_q,
                   block_kv=c.attention_block_kv, **masking)
     h = h + jnp.einsum("bthk,hkd->btd", o, attn["o_proj"])
     h = constrain(h, ("batch", "length", "act_embed"))
 
     x = rms_norm(h, layer["post_attn_norm"]["scale"], c.rms_norm_eps)
-    mlp = layer["mlp"]
-    if c.is_moe:
-        flat_routing = None if routing is None else routing.reshape(b * t, -1)
-        y, aux, ids, own_ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
-                                  norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, tile=c.moe_tile,
-                                  routing=flat_routing, mask=token_mask.reshape(-1))
-        y = y.reshape(b, t, d)
-        ids = jnp.stack([ids.reshape(b, t, -1), own_ids.reshape(b, t, -1)])
-    else:
-        gate = jnp.einsum("btd,df->btf", x, mlp["gate_proj"])
-        up = jnp.einsum("btd,df->btf", x, mlp["up_proj"])
-        y = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp["down_proj"])
-        aux, ids = jnp.zeros((), jnp.float32), None
+    y, aux, ids = mlp_block(c, layer["mlp"], x, routing, token_mask)
     h = constrain(h + y, ("batch", "length", "act_embed"))
     return h, aux, ids, new_kv
 
@@ -237,9 +256,9 @@ def _check_inputs(config, tokens, positions, segment_ids, cache, routing):
         if segment_ids is not None:
             raise ValueError("forward: segment_ids (packing) and cache (decoding) cannot be combined")
         want = (config.num_layers, tokens.shape[0], config.num_kv_heads, config.head_dim)
-        got = (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3], cache.k.shape[4])
-        if cache.k.ndim != 5 or got != want or cache.v.shape != cache.k.shape:
-            raise ValueError(f"forward: cache k/v must be [L, B, S, K, Dh] with (L, B, K, Dh) = {want}, "
+        got = (cache.k.shape[0], cache.k.shape[1], cache.k.shape[2], cache.k.shape[4]) if cache.k.ndim == 5 else None
+        if got != want or cache.v.shape != cache.k.shape:
+            raise ValueError(f"forward: cache k/v must be [L, B, K, S, Dh] with (L, B, K, Dh) = {want}, "
                              f"got k {cache.k.shape} v {cache.v.shape}")
     if routing is not None:
         if not config.is_moe:
@@ -262,7 +281,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
       positions: [B, T] int32 RoPE positions (distinct within a row when a cache is used).
       segment_ids: optional [B, T] int32 for packed sequences: a token attends only to earlier tokens
         (by index in T) of the same segment id. Id 0 marks padding, excluded from the aux loss.
-      cache: optional KVCache [L, B, S, K, Dh]: each token's k/v is written at slot = its position and
+      cache: optional KVCache [L, B, K, S, Dh]: each token's k/v is written at slot = its position and
         each query attends to slots <= its own position, so right-padded prefill then one-token decode
         steps are exact.
       routing: optional [L, B, T, k] int32 expert ids to replay (MoE only).
@@ -281,7 +300,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
 
     if cache is not None:
         # A query sees the cache slots up to its own position (slot == position).
-        slots = jnp.broadcast_to(jnp.arange(cache.k.shape[2], dtype=jnp.int32), (b, cache.k.shape[2]))
+        slots = jnp.broadcast_to(jnp.arange(cache.k.shape[3], dtype=jnp.int32), (b, cache.k.shape[3]))
         masking = dict(q_positions=positions, kv_positions=slots, index_causal=False)
         token_mask = jnp.ones((b, t), bool)
     else:

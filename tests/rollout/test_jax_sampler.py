@@ -7,7 +7,7 @@ import pytest
 from ace.models import TINY, TINY_DENSE, forward, init_params
 from ace.models.sharding import make_mesh
 from ace.rollout.engine import RolloutEngine, SamplingParams
-from ace.rollout.jax_sampler import (JaxSampler, apply_top_k, apply_top_p, filter_candidates, filter_logits,
+from ace.rollout.jax_sampler import (JaxSampler, apply_top_k, apply_top_p, filter_candidates, filter_logits, first_argmax,
                                      sample_tokens)
 from ace.train.batches import make_batch
 from ace.train.learner import LearnerConfig, learner_logprobs
@@ -103,6 +103,21 @@ def test_sampling_without_filters_draws_what_the_reference_draws():
     for a, b in ((ref, skip), (fast, slow)):
         np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_draws_are_jax_random_categorical_and_greedy_rows_are_argmax():
+    # The sampler's Gumbel-max draw must be exactly jax.random.categorical's, row by row.
+    logits = jax.random.normal(jax.random.key(4), (16, 300)) * 3.0
+    logits = logits.at[3, 7].set(logits[3].max()).at[3, 9].set(logits[3].max())  # a tie: first index wins
+    keys = jax.vmap(jax.random.key)(jnp.arange(16, dtype=jnp.uint32))
+    temperature = jnp.where(jnp.arange(16) % 4 == 3, 0.0, 0.7)
+    tokens, _ = jax.jit(sample_tokens, static_argnames="candidates")(
+        logits, keys, temperature, jnp.ones(16), jnp.zeros(16, jnp.int32), candidates=None)
+    want = jax.vmap(jax.random.categorical)(keys, logits / 0.7)
+    want = jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), want)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+    assert int(tokens[3]) == 7
+    np.testing.assert_array_equal(np.asarray(first_argmax(logits)), np.asarray(jnp.argmax(logits, axis=-1)))
 
 
 def test_sampler_implements_the_rollout_protocol(sampler):
