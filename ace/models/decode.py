@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ace.models.configs import ModelConfig
 from ace.models.logprobs import output_weight
-from ace.models.qwen3 import KVCache, ModelAux, mlp_block, project_qkv, rms_norm
+from ace.models.qwen3 import KVCache, ModelAux, mlp_block, out_proj, project_qkv, rms_norm
 from ace.models.sharding import constrain
 
 
@@ -92,7 +92,7 @@ def decode_step(params: dict, config: ModelConfig, tokens: jax.Array, positions:
         x = rms_norm(h, layer["input_norm"]["scale"], c.rms_norm_eps)
         q, k, v = project_qkv(c, attn, x, positions[:, None])
         o = cached_attention(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, positions)
-        h = h + jnp.einsum("bhk,hkd->bd", o, attn["o_proj"])[:, None]
+        h = h + out_proj(o[:, None], attn["o_proj"])
         h = constrain(h, ("batch", "length", "act_embed"))
         y, aux, ids = mlp_block(c, layer["mlp"], rms_norm(h, layer["post_attn_norm"]["scale"], c.rms_norm_eps),
                                 None, token_mask)

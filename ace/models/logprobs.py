@@ -58,7 +58,9 @@ def token_logprobs(hidden: jax.Array, out_weight: jax.Array, targets: jax.Array,
 
     @jax.checkpoint
     def chunk_logprobs(h_c, y_c):
-        logits = jnp.einsum("bcd,dv->bcv", h_c, out_weight, preferred_element_type=jnp.float32) / temperature
+        # Over [B*C] rows: one contraction in the weight gradient (see `qwen3.project_qkv`).
+        logits = jnp.einsum("nd,dv->nv", h_c.reshape(-1, d), out_weight,
+                            preferred_element_type=jnp.float32).reshape(b, chunk, -1) / temperature
         picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
         log_z = jax.nn.logsumexp(logits, axis=-1)
         if not return_entropy:

@@ -185,14 +185,25 @@ def project_qkv(config: ModelConfig, attn: dict, x: jax.Array, positions: jax.Ar
     """One layer's queries, keys and values of the normed input x [B, T, D] at positions [B, T]:
     q [B, T, H, Dh], k and v [B, T, K, Dh], with QK-norm and RoPE applied to q and k."""
     c = config
-    q = jnp.einsum("btd,dhk->bthk", x, attn["q_proj"])
-    k = jnp.einsum("btd,dhk->bthk", x, attn["k_proj"])
-    v = jnp.einsum("btd,dhk->bthk", x, attn["v_proj"])
+    b, t, d = x.shape
+    # Matmuls over [B*T, D] rows, here and in every projection below: with B and T kept apart, the
+    # weight gradient contracts two axes, which XLA:CPU runs ~2.5x slower than one GEMM.
+    rows = x.reshape(b * t, d)
+    q = jnp.einsum("nd,dhk->nhk", rows, attn["q_proj"]).reshape(b, t, c.num_heads, c.head_dim)
+    k = jnp.einsum("nd,dhk->nhk", rows, attn["k_proj"]).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = jnp.einsum("nd,dhk->nhk", rows, attn["v_proj"]).reshape(b, t, c.num_kv_heads, c.head_dim)
     q = constrain(q, ("batch", "length", "act_heads", None))
     k = constrain(k, ("batch", "length", "act_kv_heads", None))
     q = apply_rope(rms_norm(q, attn["q_norm"], c.rms_norm_eps), positions, c.rope_theta)
     k = apply_rope(rms_norm(k, attn["k_norm"], c.rms_norm_eps), positions, c.rope_theta)
     return q, k, v
+
+
+def out_proj(o: jax.Array, o_proj: jax.Array) -> jax.Array:
+    """The attention output projection: o [B, T, H, Dh] @ o_proj [H, Dh, D] -> [B, T, D], over
+    [B*T] rows (see `project_qkv`)."""
+    b, t, h, dh = o.shape
+    return jnp.einsum("nhk,hkd->nd", o.reshape(b * t, h, dh), o_proj).reshape(b, t, -1)
 
 
 def mlp_block(config: ModelConfig, mlp: dict, x: jax.Array, routing: jax.Array | None, token_mask: jax.Array):
@@ -205,10 +216,9 @@ def mlp_block(config: ModelConfig, mlp: dict, x: jax.Array, routing: jax.Array |
     c = config
     b, t, d = x.shape
     if not c.is_moe:
-        gate = jnp.einsum("btd,df->btf", x, mlp["gate_proj"])
-        up = jnp.einsum("btd,df->btf", x, mlp["up_proj"])
-        y = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp["down_proj"])
-        return y, jnp.zeros((), jnp.float32), None
+        rows = x.reshape(b * t, d)  # one-contraction GEMMs, see `project_qkv`
+        y = (jax.nn.silu(rows @ mlp["gate_proj"]) * (rows @ mlp["up_proj"])) @ mlp["down_proj"]
+        return y.reshape(b, t, d), jnp.zeros((), jnp.float32), None
     flat_routing = None if routing is None else routing.reshape(b * t, -1)
     y, aux, ids, own_ids = moe.moe_mlp(mlp, x.reshape(b * t, d), top_k=c.num_experts_per_tok,
                                        norm_topk_prob=c.norm_topk_prob, impl=c.moe_impl, tile=c.moe_tile,
@@ -236,7 +246,7 @@ def _decoder_layer(config: ModelConfig, h, layer, positions, masking, token_mask
         k, v = jnp.swapaxes(ck, 1, 2).astype(q.dtype), jnp.swapaxes(cv, 1, 2).astype(q.dtype)
     o = attention(q, k, v, impl=c.attention_impl, causal=True, block_q=c.attention_block_q,
                   block_kv=c.attention_block_kv, **masking)
-    h = h + jnp.einsum("bthk,hkd->btd", o, attn["o_proj"])
+    h = h + out_proj(o, attn["o_proj"])
     h = constrain(h, ("batch", "length", "act_embed"))
 
     x = rms_norm(h, layer["post_attn_norm"]["scale"], c.rms_norm_eps)

@@ -7,7 +7,8 @@ gradients over micro-batches with `lax.scan`, and applies AdamW with global-norm
 `ppo_update(state, batch)` splits the batch into `minibatches` and takes one `train_step` on each
 (verl's PPO mini-batches), all anchored to the same proximal logprobs `Batch.old_logp`, which the
 caller computes once with `learner_logprobs` before the update (decoupled PPO, see
-`ace.rl.losses`). `jit_train_step` compiles `ppo_update` once with params and optimizer state
+`ace.rl.losses`), or, with one step per batch, `LearnerConfig.proximal_from_step` takes from the
+step's own forward. `jit_train_step` compiles `ppo_update` once with params and optimizer state
 sharded by the rules table.
 
 Every logprob (behaviour, proximal, current, reference) is of the same distribution: softmax of
@@ -189,7 +190,9 @@ def train_step(state: LearnerState, batch: Batch, *, config: LearnerConfig,
             _compute_params(params, cfg), mc, mb.tokens, mb.positions, _targets(mb.tokens), routing=routing,
             chunk_size=cfg.logprob_chunk_size, remat=cfg.remat, temperature=cfg.logprob_temperature,
             return_entropy=True)
-        pg, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, eps_low=cfg.eps_low,
+        # One optimizer step per batch: the params differentiated here are the proximal ones.
+        old_logp = jax.lax.stop_gradient(logp) if cfg.proximal_from_step else mb.old_logp
+        pg, metrics = policy_loss(logp, old_logp, mb.advantages, mb.loss_mask, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, agg=cfg.agg, dual_clip=cfg.dual_clip,
                                   rollout_logp=mb.rollout_logp if cfg.tis_cap is not None else None,
                                   tis_cap=cfg.tis_cap, norm_len=norm_len, sample_weights=mb.sample_weights)

@@ -44,7 +44,11 @@ class LearnerConfig:
     logprobs the engines report at temperature 1), entropy_coef: weight of the entropy bonus
     (loss −= entropy_coef · token-mean entropy), norm_len: the constant normaliser of
     agg="seq_mean_token_sum_norm" (None = the padded row length T, which varies with the batch),
-    minibatches: optimizer steps per batch in `ppo_update` (the batch is split into this many).
+    minibatches: optimizer steps per batch in `ppo_update` (the batch is split into this many),
+    proximal_from_step: take the proximal logprobs from the update's own forward (stop-gradient)
+    instead of `Batch.old_logp`. With one optimizer step per batch (minibatches = 1) the proximal
+    policy is the params being differentiated, so this is exact and saves the separate proximal
+    forward per batch; with several minibatches it would not be, and is refused.
     """
 
     lr: float = 1e-6
@@ -75,6 +79,7 @@ class LearnerConfig:
     entropy_coef: float = 0.0
     norm_len: int | None = None
     minibatches: int = 1
+    proximal_from_step: bool = False
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -116,6 +121,10 @@ class LearnerConfig:
         need(self.norm_len is None or self.agg == "seq_mean_token_sum_norm", "norm_len",
              f"None with agg={self.agg!r} (it is the normaliser of 'seq_mean_token_sum_norm')")
         need(is_int(self.minibatches) and self.minibatches >= 1, "minibatches", "an int >= 1")
+        need(isinstance(self.proximal_from_step, bool), "proximal_from_step", "a bool")
+        need(not self.proximal_from_step or self.minibatches == 1, "proximal_from_step",
+             f"False with minibatches={self.minibatches} (the proximal policy is the params before the "
+             "first of several steps; compute Batch.old_logp with learner_logprobs instead)")
 
     @property
     def logprob_temperature(self) -> float:

@@ -21,6 +21,8 @@ whole run state (`ace.train.run_state`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import threading
 import time
@@ -97,7 +99,12 @@ class AceTrainer:
         stop = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
         self.sampling = cfg.sampling(stop)
         self.sampler = get_sampler(curriculum.sampler)
-        self._train_step = jit_train_step(cfg.learner, model_config, mesh)
+        # One optimizer step per batch: the update's own forward gives the proximal logprobs (exact,
+        # see LearnerConfig.proximal_from_step), one forward per batch fewer than recomputing them.
+        self._proximal_in_step = cfg.recompute_proximal and cfg.learner.minibatches == 1
+        learner_cfg = dataclasses.replace(cfg.learner, proximal_from_step=True) if self._proximal_in_step \
+            else cfg.learner
+        self._train_step = jit_train_step(learner_cfg, model_config, mesh)
         self._old_logp = jit_logprobs(cfg.learner, model_config, mesh)
         self.after_publish = after_publish
         self._potential = jax.jit(functools.partial(
@@ -156,7 +163,7 @@ class AceTrainer:
         if cfg.learner.routing_replay and batch.routing is None:
             raise RuntimeError("train.routing_replay=true but the rollout engine returned no routing: it needs an "
                                "MoE policy and an engine asked for routed experts (rollout.return_routing)")
-        if cfg.recompute_proximal:
+        if cfg.recompute_proximal and not self._proximal_in_step:
             # The proximal policy of decoupled PPO: these params, before any step of this update.
             batch = batch.replace(old_logp=self._old_logp(self.learner.params, batch))
         if self.ref_params is not None:

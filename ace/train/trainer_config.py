@@ -162,6 +162,8 @@ class TrainerConfig:
         need(self.learner.temperature == self.temperature, "temperature",
              f"the learner's temperature ({self.learner.temperature!r}): every logprob is of the sampling "
              "distribution")
+        need(not self.learner.proximal_from_step or self.recompute_proximal, "learner.proximal_from_step",
+             "False when recompute_proximal is False (the proximal logprobs are then the behaviour ones)")
 
     @classmethod
     def from_keys(cls, **keys: Any) -> "TrainerConfig":

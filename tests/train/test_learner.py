@@ -65,6 +65,25 @@ def test_learner_config_rejects_bad_values_by_name():
         LearnerConfig(compute_dtype="float16")
 
 
+def test_proximal_from_step_equals_recomputed_proximal_logprobs():
+    # One optimizer step per batch: taking the proximal logprobs from the step's own forward must give
+    # the update that recomputing them with learner_logprobs gives (MoE, 2 micro-batches, with TIS).
+    cfg = LearnerConfig(lr=1e-3, total_steps=10, micro_batches=2, tis_cap=2.0, kl_coef=0.1)
+    state = init_learner(init_params(MOE, jax.random.key(3)), cfg, jax.random.key(1))
+    batch = _batch(5)
+    batch = batch.replace(ref_logp=batch.rollout_logp + 0.05)
+    recomputed = batch.replace(old_logp=learner_logprobs(state.params, batch, config=cfg, model_config=MOE))
+    want_state, want = jax.jit(lambda s, b: train_step(s, b, config=cfg, model_config=MOE))(state, recomputed)
+    in_step = dataclasses.replace(cfg, proximal_from_step=True)
+    # old_logp left at the behaviour logprobs: proximal_from_step must not read it.
+    got_state, got = jax.jit(lambda s, b: train_step(s, b, config=in_step, model_config=MOE))(state, batch)
+    _assert_trees_close(got_state.params, want_state.params, atol=1e-6)
+    for name in ("loss", "pg_loss", "kl", "grad_norm", "ratio_max", "ratio_min", "clip_frac"):
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="LearnerConfig.proximal_from_step"):
+        LearnerConfig(minibatches=2, proximal_from_step=True)
+
+
 def _assert_trees_close(a, b, atol):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4, err_msg=str(path))
