@@ -276,9 +276,7 @@ def main() -> None:
     configs = args.configs.split(",")
     if not args.steps_only:
         update_table(args, configs)
-    use_tunix = tunix_peer.available() and not args.no_tunix
-    if not use_tunix and not args.no_tunix:
-        print('Tunix: not installed (pip install -e ".[bench]"); skipped')
+    use_tunix = tunix_peer.wanted(args.no_tunix)
     grpo_steps(configs, args.reps, args.warmup, use_tunix)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peer_configs import model_config  # bench/peer_configs.py, beside this script
+from peer_configs import model_config, torch_model  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
 import tunix_peer  # bench/tunix_peer.py, beside this script: optional, `pip install -e ".[bench]"`
 
@@ -64,12 +64,8 @@ def bench_forward_ace(config, params, tokens, positions, reps: int) -> float:
 
 def bench_forward_torch(config, tokens: np.ndarray, reps: int) -> float:
     import torch
-    from transformers import Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Config, Qwen3MoeForCausalLM
 
-    hf = config.to_hf_config()
-    model_cls, config_cls = ((Qwen3MoeForCausalLM, Qwen3MoeConfig) if config.is_moe
-                             else (Qwen3ForCausalLM, Qwen3Config))
-    model = model_cls(config_cls(**hf)).eval()
+    model = torch_model(config).eval()
     ids = torch.tensor(tokens)
 
     def run():
@@ -83,12 +79,8 @@ def bench_train_step_torch(config, tokens: np.ndarray, reps: int) -> float:
     """Median seconds of one forward+backward (next-token cross-entropy + the MoE aux loss, as the
     model computes it with labels) of the transformers torch model."""
     import torch
-    from transformers import Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Config, Qwen3MoeForCausalLM
 
-    hf = config.to_hf_config()
-    model_cls, config_cls = ((Qwen3MoeForCausalLM, Qwen3MoeConfig) if config.is_moe
-                             else (Qwen3ForCausalLM, Qwen3Config))
-    model = model_cls(config_cls(**hf, output_router_logits=config.is_moe)).train()
+    model = torch_model(config, output_router_logits=config.is_moe).train()
     ids = torch.tensor(tokens)
 
     def run():
@@ -144,11 +136,9 @@ def main() -> None:
         if not args.no_torch:
             peers["transformers torch"] = (bench_forward_torch(config, tokens_np, args.reps),
                                            bench_train_step_torch(config, tokens_np, args.reps))
-        if tunix_peer.available() and not args.no_tunix:
+        if tunix_peer.wanted(args.no_tunix, indent="  "):
             peers["Tunix 0.1.7"] = (tunix_peer.forward_seconds(config, tokens_np, args.reps),
                                     tunix_peer.fwd_bwd_seconds(config, tokens_np, args.reps))
-        elif not args.no_tunix:
-            print("  Tunix: not installed (pip install -e \".[bench]\"); skipped")
         if peers:
             ace = (bench_forward_ace(config, params, tokens, positions, args.reps),
                    bench_train_step(config, params, tokens, positions, args.reps))

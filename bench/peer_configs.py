@@ -20,3 +20,12 @@ def model_config(name: str):
     from ace.models.configs import ModelConfig
 
     return ModelConfig(**PEER_CONFIGS[name]) if name in PEER_CONFIGS else get_config(name)
+
+
+def torch_model(config, **hf_overrides):
+    """The transformers torch model (`Qwen3ForCausalLM` or `Qwen3MoeForCausalLM`) of an ace config,
+    random weights; `hf_overrides` go into its HF config (e.g. output_router_logits=True)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config_cls, model_cls = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if config.is_moe else (Qwen3Config, Qwen3ForCausalLM)
+    return model_cls(config_cls(**{**config.to_hf_config(), **hf_overrides}))

@@ -17,7 +17,7 @@ import argparse
 import jax
 import numpy as np
 
-from peer_configs import model_config  # bench/peer_configs.py, beside this script
+from peer_configs import model_config, torch_model  # bench/peer_configs.py, beside this script
 from timing import median_seconds  # bench/timing.py, beside this script
 import tunix_peer  # bench/tunix_peer.py, beside this script: optional, `pip install -e ".[bench]"`
 
@@ -50,12 +50,9 @@ def sort_filter_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int)
 
 def torch_seconds(config, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    hf = config.to_hf_config()
-    config_cls, model_cls = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if config.is_moe else (Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(0)
-    model = model_cls(config_cls(**hf)).eval()
+    model = torch_model(config).eval()
     input_ids = torch.as_tensor(prompts, dtype=torch.long)
     attention_mask = torch.ones_like(input_ids)
 
@@ -78,9 +75,7 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-tunix", action="store_true", help="skip the Tunix comparison (when installed)")
     args = parser.parse_args()
-    use_tunix = tunix_peer.available() and not args.no_tunix
-    if not use_tunix and not args.no_tunix:
-        print('Tunix: not installed (pip install -e ".[bench]"); skipped')
+    use_tunix = tunix_peer.wanted(args.no_tunix)
     for name in args.configs.split(","):
         config = model_config(name)
         prompts = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, args.prompt_len))

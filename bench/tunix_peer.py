@@ -20,6 +20,17 @@ def available() -> bool:
     return importlib.util.find_spec("tunix") is not None
 
 
+def wanted(skip: bool, indent: str = "") -> bool:
+    """Whether a script should time Tunix: installed and not skipped (`--no-tunix`). Prints the
+    skip line when it is not installed."""
+    if skip:
+        return False
+    if not available():
+        print(f'{indent}Tunix: not installed (pip install -e ".[bench]"); skipped')
+        return False
+    return True
+
+
 def _model(config):
     import jax.numpy as jnp
     from flax import nnx

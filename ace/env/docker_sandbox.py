@@ -292,8 +292,12 @@ class DockerSandbox:
         if uid < UID_BASE:
             raise ValueError(f"uid {uid}: refusing to kill processes of a uid below {UID_BASE}")
         # kill(-1) signals every process the caller may signal, i.e. those of its own uid, except itself.
+        # One pass is not atomic against a fork bomb (a child forked behind the kernel's walk of the
+        # process list survives it), so repeat while any process was signalled; bounded, because a
+        # killed process stays signallable as a zombie until the container's init reaps it.
+        again = "i=0; while [ $i -lt 50 ] && kill -9 -1 2>/dev/null; do i=$((i+1)); done; exit 0"
         try:
-            out = self.container.exec_run(["sh", "-c", "kill -9 -1 2>/dev/null; exit 0"], user=f"{uid}:{uid}")
+            out = self.container.exec_run(["sh", "-c", again], user=f"{uid}:{uid}")
             if out.exit_code == 0:
                 return
         except Exception:  # noqa: BLE001 - e.g. the pids limit is exhausted and no exec can start

@@ -22,7 +22,6 @@ whole run state (`ace.train.run_state`).
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import threading
 import time
@@ -101,9 +100,10 @@ class AceTrainer:
         self.sampler = get_sampler(curriculum.sampler)
         # One optimizer step per batch: the update's own forward gives the proximal logprobs (exact,
         # see LearnerConfig.proximal_from_step), one forward per batch fewer than recomputing them.
-        self._proximal_in_step = cfg.recompute_proximal and cfg.learner.minibatches == 1
-        learner_cfg = dataclasses.replace(cfg.learner, proximal_from_step=True) if self._proximal_in_step \
-            else cfg.learner
+        learner_cfg = cfg.learner
+        if cfg.recompute_proximal and learner_cfg.minibatches == 1:
+            learner_cfg = dataclasses.replace(learner_cfg, proximal_from_step=True)
+        self._proximal_in_step = learner_cfg.proximal_from_step
         self._train_step = jit_train_step(learner_cfg, model_config, mesh)
         self._old_logp = jit_logprobs(cfg.learner, model_config, mesh)
         self.after_publish = after_publish
