@@ -11,11 +11,11 @@ sys.path.insert(0, str(ROOT))
 from bench import curriculum  # noqa: E402
 
 
-def test_numpy_round_matches_list_of_dicts_and_jitted():
+def test_numpy_round_matches_list_of_dicts_jitted_and_block_index():
     assert curriculum.check_rounds(capacity=600, rounds=3).endswith("ok")
 
 
-def test_numpy_sampler_matches_jitted_sampler():
+def test_numpy_and_block_index_samplers_match_jitted_sampler():
     assert curriculum.check_sampler(capacity=600, draws=100).endswith("ok")
 
 
@@ -33,7 +33,8 @@ def test_script_runs_on_a_small_table():
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for line in ("check: NumPy == list-of-dicts == jitted", "check: sampler inclusion", "jitted round:",
-                 "vectorised NumPy:", "plain-Python round:", "speed-up vs list-of-dicts:",
-                 "jitted vs vectorised NumPy:"):
+    for line in ("check: NumPy == list-of-dicts == jitted update_stats + insert == block index",
+                 "check: sampler inclusion by LP level (NumPy/jitted/indexed", "jitted, full table:",
+                 "jitted, block index:", "vectorised NumPy:", "plain-Python round:", "block index vs list-of-dicts:",
+                 "jitted (block index) vs vectorised NumPy:"):
         assert line in out, out

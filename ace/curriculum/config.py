@@ -13,7 +13,10 @@ from ace.curriculum.sampler import SAMPLERS
 class CurriculumConfig:
     """`curriculum.*`: sampler and potential by registry name, and their numbers.
 
-    uniform_mix is the eps of the eps-uniform mixture (`eps_uniform` in `sample`).
+    uniform_mix is the eps of the eps-uniform mixture (`eps_uniform` in `sample`). block_index
+    runs the learnability and uniform samplers, update_stats and insert through
+    `ace.curriculum.block_index` (same results, a few thousand rows read per round instead of the
+    whole table) when the potential is row-local; False keeps the full-table functions.
     """
 
     sampler: str
@@ -23,6 +26,7 @@ class CurriculumConfig:
     optimistic_value: float
     capacity: int
     max_depth: int
+    block_index: bool = True
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -38,6 +42,8 @@ class CurriculumConfig:
             raise ValueError(f"curriculum.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.uniform_mix <= 1.0:
             raise ValueError(f"curriculum.uniform_mix must be in [0, 1], got {self.uniform_mix}")
+        if not isinstance(self.block_index, bool):
+            raise ValueError(f"curriculum.block_index must be true or false, got {self.block_index!r}")
         for key, low in (("capacity", 1), ("max_depth", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -47,11 +53,12 @@ class CurriculumConfig:
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "CurriculumConfig":
         """From the `curriculum` node of the composed Hydra config (any mapping)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(cfg))
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = sorted(names - optional - set(cfg))
         unknown = sorted(set(cfg) - names)
         if missing or unknown:
             raise ValueError(f"curriculum config: missing keys {missing}, unknown keys {unknown}")
-        return cls(**{k: cfg[k] for k in names})
+        return cls(**{k: cfg[k] for k in names if k in cfg})
 
     def sampler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `get_sampler(self.sampler)` (add `step`)."""

@@ -23,9 +23,27 @@ Potential = Callable[..., jax.Array]
 POTENTIALS = Registry("curriculum.potential")
 
 
-def register_potential(name: str):
-    """Decorator: registers `fn(table, *, optimistic_value, step) -> [C] float32` as potential `name`."""
-    return POTENTIALS.register(name)
+# Potentials whose value on a row is a function of that row's own columns only (not of `step`,
+# not of other rows): `ace.curriculum.block_index` may cache them per block and recompute only the
+# blocks whose rows changed.
+ROW_LOCAL_POTENTIALS: set[str] = set()
+
+
+def register_potential(name: str, *, row_local: bool = False):
+    """Decorator: registers `fn(table, *, optimistic_value, step) -> [C] float32` as potential `name`.
+
+    row_local=True declares that a row's value depends on that row's columns only (not on `step` or
+    on other rows), which the block index (`ace.curriculum.block_index`) needs.
+    """
+    register = POTENTIALS.register(name)
+
+    def decorator(fn):
+        fn = register(fn)
+        if row_local:
+            ROW_LOCAL_POTENTIALS.add(name)
+        return fn
+
+    return decorator
 
 
 def get_potential(name: str) -> Potential:
@@ -34,7 +52,7 @@ def get_potential(name: str) -> Potential:
     return POTENTIALS.get(name)
 
 
-@register_potential("success_variance")
+@register_potential("success_variance", row_local=True)
 def success_variance_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
     """LP = p(1 - p), p = success rate of the task's latest group of attempts.
 
@@ -55,7 +73,7 @@ def success_variance_potential(table: TaskTable, *, optimistic_value: float, ste
     return jnp.where(table.visits > 0, p * (1.0 - p), jnp.float32(optimistic_value)).astype(jnp.float32)
 
 
-@register_potential("reward_std")
+@register_potential("reward_std", row_local=True)
 def reward_std_potential(table: TaskTable, *, optimistic_value: float, step=None) -> jax.Array:
     """LP = population std of the rewards of the task's latest group (continuous variant).
 

@@ -43,7 +43,7 @@ from ace.train.multihost import barrier, is_controller, tree_to_host
 from ace.train.queue import Group
 from ace.train.rollouts import rollout_group, rollout_metrics
 from ace.train.run_state import RunState, restore_run, save_run
-from ace.train.tasks import TaskRef, apply_groups, draw_tasks, initial_curriculum
+from ace.train.tasks import TaskRef, apply_groups, curriculum_index, draw_tasks, initial_curriculum
 from ace.train.trainer_config import TrainerConfig
 
 
@@ -125,13 +125,16 @@ class AceTrainer:
             src = params if ref_params is None else ref_params
             self.ref_params = cast_floats(src, jnp.dtype(cfg.learner.compute_dtype))
         self.table, self.store = initial_curriculum([c.comp_id for c in self.comps], curriculum)
+        # Derived from the table (never checkpointed): rebuilt on restore.
+        self.index = curriculum_index(self.table, curriculum)
         self.step = 0
         self.version = int(engine.weight_version)
 
     # ------------------------------------------------------------------ the parts of a step
     def draw(self, key: jax.Array, n: int) -> list[TaskRef]:
         """n distinct tasks from the table (see `ace.train.tasks.draw_tasks`)."""
-        return draw_tasks(self.sampler, key, self.table, self.store, n, step=self.step, curriculum=self.curriculum)
+        return draw_tasks(self.sampler, key, self.table, self.store, n, step=self.step, curriculum=self.curriculum,
+                          index=self.index)
 
     def rollout_group(self, engine: Any, task: TaskRef, seed: int) -> Group:
         """G rollouts of `task` as a Group (see `ace.train.rollouts.rollout_group`)."""
@@ -141,10 +144,11 @@ class AceTrainer:
     def apply_groups(self, groups: Sequence[Group], tasks: Mapping[int, TaskRef]) -> None:
         """update_stats for the sampled tasks still in the table, then insert their children."""
         cfg = self.cfg
-        self.table = apply_groups(
+        self.table, self.index = apply_groups(
             self.table, self.store, groups, tasks, step=self.step, curriculum=self.curriculum,
             comp_ids=[c.comp_id for c in self.comps], children=cfg.children,
-            max_children=cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout, n_protected=cfg.tasks_per_step)
+            max_children=cfg.tasks_per_step * cfg.group_size * cfg.actions_per_rollout, n_protected=cfg.tasks_per_step,
+            index=self.index)
 
     def group_metrics(self, groups: Sequence[Group], tasks: Mapping[int, TaskRef]) -> dict[str, float]:
         return rollout_metrics(groups, tasks)
@@ -226,6 +230,7 @@ class AceTrainer:
         if state is None:
             return False
         self.learner, self.table, self.store, self.key = state.learner, state.table, state.store, state.key
+        self.index = curriculum_index(self.table, self.curriculum)
         self.step, self.version = state.step, state.version
         if self.version > self.engine.weight_version:
             self.engine.update_weights(self._policy_params(), self.version)

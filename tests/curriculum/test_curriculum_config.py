@@ -22,6 +22,7 @@ def test_shipped_curriculum_configs_validate_and_resolve_registries(name):
     ("sampler", "greedy", "curriculum.sampler='greedy'"),
     ("potential", "entropy", "curriculum.potential='entropy'"),
     ("capacity", 0, "curriculum.capacity must be an int >= 1"),
+    ("block_index", "yes", "curriculum.block_index must be true or false, got 'yes'"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     cfg = yaml.safe_load((CONFIGS / "learnability.yaml").read_text()) | {key: value}
@@ -29,3 +30,11 @@ def test_bad_values_name_the_key(key, value, message):
         CurriculumConfig.from_mapping(cfg)
     with pytest.raises(ValueError, match=r"missing keys \['capacity'\]"):
         CurriculumConfig.from_mapping({k: v for k, v in cfg.items() if k != "capacity"})
+
+
+def test_block_index_defaults_on_when_a_config_leaves_it_out():
+    cfg = yaml.safe_load((CONFIGS / "learnability.yaml").read_text())
+    assert CurriculumConfig.from_mapping(cfg).block_index is True
+    cfg.pop("block_index")
+    assert CurriculumConfig.from_mapping(cfg).block_index is True
+    assert CurriculumConfig.from_mapping(cfg | {"block_index": False}).block_index is False

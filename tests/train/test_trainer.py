@@ -19,6 +19,7 @@ from ace.models.configs import TINY_DENSE
 from ace.models.tokenizer import train_tiny_tokenizer
 from ace.rollout.jax_sampler import JaxSampler
 from ace.train.metrics import curriculum_metrics, group_metrics, plot_training, read_jsonl
+from ace.train.tasks import curriculum_index
 from ace.train.trainer import AceTrainer, TrainerConfig
 
 MODEL = TINY_DENSE.replace(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -169,6 +170,19 @@ def test_one_step_batch_math_children_and_the_no_buffer_switch(tmp_path, params,
     no_buffer.apply_groups(groups, {id(g): t for g, t in captured})
     assert int(np.asarray(no_buffer.table.valid).sum()) == len(COMPS)
     assert int(np.asarray(no_buffer.table.visits).sum()) == trainer.cfg.group_size * len(groups)
+
+    # The trainer's curriculum runs through the block index by default; the full-table functions
+    # leave the same table and store from the same groups, and the index stays that of the table.
+    full_path = _trainer(_cfg(steps=1), params, tokenizer, tmp_path / "c",
+                         curriculum=dataclasses.replace(CURRICULUM, block_index=False))
+    assert trainer.index is not None and full_path.index is None
+    full_path.apply_groups(groups, {id(g): t for g, t in captured})
+    for name, a, b in zip(table._fields, trainer.table, full_path.table):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert trainer.store.state_dict() == full_path.store.state_dict()
+    fresh = curriculum_index(trainer.table, CURRICULUM)
+    for name in ("block_logz", "block_valid", "block_evict", "super_logz", "super_valid", "super_evict"):
+        np.testing.assert_array_equal(np.asarray(getattr(trainer.index, name)), np.asarray(getattr(fresh, name)))
 
 
 def test_episode_mode_trains_on_every_turn_and_async_mode_runs(tmp_path, params, tokenizer):
