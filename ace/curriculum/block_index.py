@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace.core.checks import check_indices, check_scalar, is_concrete
-from ace.curriculum.buffer import (ADDED, EVICTION_ORDERS, InsertResult, _check_rows, _first_occurrence,
-                                   _update_stats_kernel, check_update_args, write_candidates)
+from ace.core.checks import check_scalar, is_concrete
+from ace.curriculum.buffer import (ADDED, EVICTION_ORDERS, InsertResult, _first_occurrence, _update_stats_kernel,
+                                   check_insert_args, check_update_args, write_candidates)
 from ace.curriculum.potential import ROW_LOCAL_POTENTIALS, get_potential
 from ace.curriculum.sampler import _fmix32
 from ace.curriculum.table import TaskRows, TaskTable, check_table
@@ -229,12 +229,12 @@ def _place(hash_rows: jax.Array, state_hash: jax.Array, rows: jax.Array, active:
     window = jnp.arange(PROBE_WINDOW, dtype=jnp.int32)
 
     def body(state):
-        hash_rows, todo, offset = state
+        hash_rows, pending, offset = state
         pos = (home[:, None] + offset[:, None] + window[None, :]) & (size - 1)
         free = hash_rows[pos] == EMPTY
         has_free = free.any(axis=1)
         slot = jnp.take_along_axis(pos, jnp.argmax(free, axis=1)[:, None], axis=1)[:, 0]
-        want = todo & has_free
+        want = pending & has_free
         if bulk:
             owner = jnp.full((size,), q, jnp.int32).at[jnp.where(want, slot, size)].min(qidx, mode="drop")
             won = want & (owner[slot] == qidx)
@@ -245,8 +245,8 @@ def _place(hash_rows: jax.Array, state_hash: jax.Array, rows: jax.Array, active:
         # A loser probes on from the slot it lost (now taken); a key without a free slot in its
         # window moves to the next window.
         offset = jnp.where(want & ~won, (slot - home) & (size - 1),
-                           jnp.where(todo & ~has_free, offset + PROBE_WINDOW, offset))
-        return hash_rows, todo & ~won, offset
+                           jnp.where(pending & ~has_free, offset + PROBE_WINDOW, offset))
+        return hash_rows, pending & ~won, offset
 
     init = (hash_rows, active, jnp.zeros((q,), jnp.int32))
     # The offset bound stops the loop if no slot is EMPTY (a jitted caller that never called
@@ -331,7 +331,7 @@ def _exponentials(seed: jax.Array, size: int) -> jax.Array:
     """[size] float32 Exp(1) draws from a [2] uint32 seed: -log of uniforms in (0, 1).
 
     The uniforms come from a counter hash (a Weyl sequence through MurmurHash3's finaliser, as
-    `sampler.row_uniforms` but one round): threefry costs several times more per draw on a CPU,
+    `sampler.row_uniforms` but one finaliser round): threefry costs several times more per draw on a CPU,
     and this sampler draws ~20k per round. The top 24 bits, centred in their cell, never give 0 or 1.
     """
     x = jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[0]
@@ -555,18 +555,10 @@ def insert_indexed(table: TaskTable, index: BlockIndex, rows: TaskRows, *, step,
     Returns:
       (new table, new index, InsertResult).
     """
-    capacity = check_index(table, index)
-    _check_rows(rows)
-    check_scalar(step, "step", low=0)
-    if max_depth is not None and (not isinstance(max_depth, (int, np.integer)) or max_depth < 0):
-        raise ValueError(f"max_depth must be a non-negative int or None, got {max_depth!r}")
-    protected = jnp.full((1,), -1, jnp.int32) if protected is None else jnp.asarray(protected)
-    if protected.ndim != 1 or not jnp.issubdtype(protected.dtype, jnp.integer):
-        raise ValueError(f"protected must be an int [P] array of row indices, got {tuple(protected.shape)} "
-                         f"{protected.dtype}")
-    check_indices(protected, capacity, "protected", allow_padding=True)
-    table, index, result = _insert_kernel(table, index, rows, jnp.asarray(step, jnp.int32),
-                                          protected.astype(jnp.int32), None if max_depth is None else int(max_depth))
+    check_index(table, index)
+    protected = check_insert_args(table, rows, step, protected, max_depth)
+    table, index, result = _insert_kernel(table, index, rows, jnp.asarray(step, jnp.int32), protected,
+                                          None if max_depth is None else int(max_depth))
     if is_concrete(index):
         index = maybe_rehash(table, index)
     return table, index, result

@@ -243,6 +243,25 @@ def _check_rows(rows: TaskRows) -> int:
     return r
 
 
+def check_insert_args(table: TaskTable, rows: TaskRows, step, protected, max_depth) -> jax.Array:
+    """Checks the arguments `insert` and `insert_indexed` share; returns `protected` as int32 [P]."""
+    capacity = check_table(table)
+    _check_rows(rows)
+    check_scalar(step, "step", low=0)
+    if max_depth is not None and (not isinstance(max_depth, (int, np.integer)) or max_depth < 0):
+        raise ValueError(f"max_depth must be a non-negative int or None, got {max_depth!r}")
+    if protected is None:
+        protected = jnp.full((1,), -1, jnp.int32)
+    protected = jnp.asarray(protected)
+    if protected.ndim != 1 or not jnp.issubdtype(protected.dtype, jnp.integer):
+        raise ValueError(f"protected must be an int [P] array of row indices, got {tuple(protected.shape)} "
+                         f"{protected.dtype}")
+    check_indices(protected, capacity, "protected", allow_padding=True)
+    if is_concrete(rows.depth) and (np.asarray(rows.depth) < 0).any():
+        raise ValueError(f"rows.depth must be >= 0, got {np.asarray(rows.depth).min()}")
+    return protected.astype(jnp.int32)
+
+
 def insert(table: TaskTable, rows: TaskRows, *, step, protected=None, evict: str = "potential",
            potential: str = "success_variance", optimistic_value=DEFAULT_OPTIMISTIC_VALUE,
            max_depth: int | None = None) -> tuple[TaskTable, InsertResult]:
@@ -268,26 +287,13 @@ def insert(table: TaskTable, rows: TaskRows, *, step, protected=None, evict: str
       (new table, InsertResult with [R] arrays). Added tasks get consecutive ids from
       `table.next_task_id`, in row order.
     """
-    capacity = check_table(table)
-    _check_rows(rows)
     if evict not in EVICTION_ORDERS:
         raise ValueError(f"evict must be one of {EVICTION_ORDERS}, got {evict!r}")
     if evict == "potential":
         get_potential(potential)
     check_scalar(optimistic_value, "optimistic_value")
-    check_scalar(step, "step", low=0)
-    if max_depth is not None and (not isinstance(max_depth, (int, np.integer)) or max_depth < 0):
-        raise ValueError(f"max_depth must be a non-negative int or None, got {max_depth!r}")
-    if protected is None:
-        protected = jnp.full((1,), -1, jnp.int32)
-    protected = jnp.asarray(protected)
-    if protected.ndim != 1 or not jnp.issubdtype(protected.dtype, jnp.integer):
-        raise ValueError(f"protected must be an int [P] array of row indices, got {tuple(protected.shape)} "
-                         f"{protected.dtype}")
-    check_indices(protected, capacity, "protected", allow_padding=True)
-    if is_concrete(rows.depth) and (np.asarray(rows.depth) < 0).any():
-        raise ValueError(f"rows.depth must be >= 0, got {np.asarray(rows.depth).min()}")
-    return _insert_kernel(table, rows, jnp.asarray(step, jnp.int32), protected.astype(jnp.int32),
+    protected = check_insert_args(table, rows, step, protected, max_depth)
+    return _insert_kernel(table, rows, jnp.asarray(step, jnp.int32), protected,
                           evict, potential, optimistic_value,
                           None if max_depth is None else int(max_depth))
 

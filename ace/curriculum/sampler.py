@@ -91,11 +91,7 @@ def row_uniforms(key: jax.Array, size: int) -> jax.Array:
     costs several ms on a CPU and dominated the sampling round, the hash costs ~0.2 ms. The top 24
     bits become the mantissa, centred in their cell so that 0 and 1 never occur.
     """
-    return hash_uniforms(jax.random.bits(key, (2,), jnp.uint32), size)
-
-
-def hash_uniforms(seed: jax.Array, size: int) -> jax.Array:
-    """`row_uniforms` from a [2] uint32 seed drawn by the caller (one jax.random draw can seed several)."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
     x = jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[0]  # Weyl sequence
     x = _fmix32(_fmix32(x) ^ seed[1])
     return ((x >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)
